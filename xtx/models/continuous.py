@@ -1,0 +1,172 @@
+"""``ContinuousTransformerWrapper``: a transformer over real-valued vectors.
+
+The x-transformers wrapper for continuous inputs (time series, embeddings, audio
+frames): ``Linear(dim_in, dim)`` (no bias) -> absolute positions ``P[t] * dim**-0.5`` ->
+optional post-embedding norm -> memory tokens -> dropout -> stack (with its final norm)
+-> ``Linear(dim, dim_out)`` (no bias). With ``probabilistic=True`` the output is
+``stack(mean, variance)`` of a diagonal Gaussian. Memory tokens: 2006.11527.
+
+Shapes: x ``[B, T, dim_in]``, mask ``[B, T]``, output ``[B, T, dim_out]`` (``[2, B, T,
+dim_out]`` when probabilistic).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from xtx.config import Config, field_names, unknown_keyword_error
+from xtx.layers.base import EMBED, ConfiguredMeta, Projection, dropout
+from xtx.layers.norms import Norm
+from xtx.layers.transformer import AttentionLayers, AttentionLayersConfig
+from xtx.models.transformer_wrapper import stack_config
+from xtx.ops import sinusoidal_embedding
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ContinuousConfig(Config):
+    """Options of ``ContinuousTransformerWrapper`` (x-transformers keywords)."""
+
+    attn_layers: AttentionLayersConfig
+    max_seq_len: int | None = None
+    dim_in: int | None = None
+    dim_out: int | None = None
+    num_memory_tokens: int | None = None
+    post_emb_norm: bool = False
+    emb_dropout: float = 0.0
+    use_abs_pos_emb: bool = True
+    scaled_sinu_pos_emb: bool = False
+    average_pool_embed: bool = False
+    probabilistic: bool = False
+    use_identity_if_same_dim: bool = False
+
+    def __post_init__(self):
+        if self.probabilistic and self.dim_out is None:
+            raise ValueError("probabilistic=True needs dim_out")
+        if not 0.0 <= self.emb_dropout < 1.0:
+            raise ValueError(f"emb_dropout must be in [0, 1), got {self.emb_dropout}")
+
+    @property
+    def has_abs_pos_emb(self) -> bool:
+        return (
+            bool(self.max_seq_len)
+            and self.use_abs_pos_emb
+            and not self.attn_layers.abs_pos_emb_disabled
+        )
+
+    @property
+    def has_project_in(self) -> bool:
+        dim = self.attn_layers.dim
+        return self.dim_in is not None and (
+            not self.use_identity_if_same_dim or self.dim_in != dim
+        )
+
+    @property
+    def project_out_dim(self) -> int | None:
+        if self.dim_out is None:
+            return None
+        return self.dim_out * (2 if self.probabilistic else 1)
+
+    @property
+    def has_project_out(self) -> bool:
+        out = self.project_out_dim
+        return out is not None and (not self.use_identity_if_same_dim or out != self.attn_layers.dim)
+
+
+class ContinuousTransformerWrapper(nn.Module, metaclass=ConfiguredMeta):
+    """Transformer over continuous vectors ``[B, T, dim_in] -> [B, T, dim_out]``."""
+
+    config: ContinuousConfig
+
+    @classmethod
+    def config_from_kwargs(cls, **kwargs: Any) -> ContinuousConfig:
+        names = field_names(ContinuousConfig)
+        for key in kwargs:
+            if key not in names:
+                raise unknown_keyword_error("ContinuousTransformerWrapper", key, names)
+        if "attn_layers" not in kwargs:
+            raise TypeError("ContinuousTransformerWrapper needs attn_layers=Encoder/Decoder(...)")
+        kwargs["attn_layers"] = stack_config(kwargs["attn_layers"])
+        return ContinuousConfig(**kwargs)
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        *,
+        mask: Array | None = None,
+        lens: Array | None = None,
+        context: Array | None = None,
+        context_mask: Array | None = None,
+        return_embeddings: bool = False,
+        deterministic: bool = True,
+    ) -> Array:
+        cfg = self.config
+        dim = cfg.attn_layers.dim
+        x = jnp.asarray(x)
+        expected_in = cfg.dim_in if cfg.has_project_in else dim
+        if x.ndim != 3 or x.shape[-1] != expected_in:
+            raise ValueError(f"x must have shape [B, T, {expected_in}], got {x.shape}")
+        B, T, _ = x.shape
+        if lens is not None:
+            if mask is not None:
+                raise ValueError("pass either mask or lens, not both")
+            mask = jnp.arange(T)[None, :] < jnp.asarray(lens)[:, None]
+        if mask is not None:
+            mask = jnp.asarray(mask, bool)
+            if mask.shape != (B, T):
+                raise ValueError(f"mask must have shape [B, T] = {(B, T)}, got {mask.shape}")
+        orig_mask = mask
+        if cfg.has_project_in:
+            x = Projection((dim,), (cfg.dim_in,), (None, EMBED), name="project_in")(x)
+        if cfg.has_abs_pos_emb:
+            if T > cfg.max_seq_len:
+                raise ValueError(f"sequence length {T} exceeds max_seq_len={cfg.max_seq_len}")
+            if cfg.scaled_sinu_pos_emb:
+                scale = self.param("pos_emb_scale", nn.initializers.constant(dim**-0.5), (1,))
+                pos = sinusoidal_embedding(jnp.arange(T), dim) * scale
+            else:
+                table = self.param(
+                    "pos_emb",
+                    nn.with_logical_partitioning(nn.initializers.normal(1.0), (None, EMBED)),
+                    (cfg.max_seq_len, dim),
+                )
+                pos = table[:T] * dim**-0.5
+            x = x + pos.astype(x.dtype)
+        if cfg.post_emb_norm:
+            x = Norm("layernorm", name="post_emb_norm")(x)
+        M = cfg.num_memory_tokens or 0
+        if M:
+            mem = self.param(
+                "memory_tokens",
+                nn.with_logical_partitioning(nn.initializers.normal(1.0), (None, EMBED)),
+                (M, dim),
+            )
+            x = jnp.concatenate([jnp.broadcast_to(mem[None], (B, M, dim)).astype(x.dtype), x], 1)
+            if mask is not None:
+                mask = jnp.concatenate([jnp.ones((B, M), bool), mask], axis=1)
+        x = dropout(self, x, cfg.emb_dropout, deterministic)
+        x = AttentionLayers(cfg.attn_layers, name="attn_layers")(
+            x, mask=mask, context=context, context_mask=context_mask, deterministic=deterministic
+        )
+        x = x[:, M:]
+        if cfg.average_pool_embed:
+            if orig_mask is None:
+                x = x.mean(axis=1)
+            else:
+                w = orig_mask[..., None].astype(x.dtype)
+                x = (x * w).sum(1) / jnp.maximum(w.sum(1), 1e-5)
+        if return_embeddings:
+            return x
+        if cfg.has_project_out:
+            x = Projection((cfg.project_out_dim,), (dim,), (EMBED, None), name="project_out")(x)
+        if cfg.probabilistic:
+            mean, log_var = x[..., 0::2], x[..., 1::2]
+            return jnp.stack([mean, jnp.exp(log_var)])
+        return x

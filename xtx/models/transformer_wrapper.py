@@ -1,0 +1,289 @@
+"""``TransformerWrapper``: token embedding + a transformer stack + logits.
+
+The x-transformers language-model wrapper (GPT-like with a ``Decoder``, BERT-like with
+an ``Encoder``). Memory tokens: arXiv 2006.11527; tied embeddings: 1608.05859;
+l2-normalised embeddings: 1910.05895.
+
+Shapes: tokens ``[B, T]`` int, embeddings ``[B, T, D]``, logits ``[B, T, V]``.
+
+Forward order (x-transformers 2.31): ``E[tok] + P[t] * emb_dim**-0.5`` -> post-emb norm
+-> dropout -> project to ``dim`` -> prepend memory tokens -> stack (with its final norm)
+-> drop memory tokens -> logits (``x @ E.T * dim**-0.5`` when tied).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from xtx.config import Config, field_names, unknown_keyword_error
+from xtx.layers.base import EMBED, VOCAB, ConfiguredMeta, Projection, dropout
+from xtx.layers.embedding import TokenEmbedding
+from xtx.layers.norms import Norm
+from xtx.layers.transformer import AttentionLayers, AttentionLayersConfig
+from xtx.ops import l2_normalize, sinusoidal_embedding
+
+Array = jax.Array
+
+
+def stack_config(attn_layers: Any) -> AttentionLayersConfig:
+    """Accepts an ``AttentionLayers`` module (``Decoder(...)``), a config, or a dict."""
+    if isinstance(attn_layers, AttentionLayers):
+        return attn_layers.config
+    if isinstance(attn_layers, AttentionLayersConfig):
+        return attn_layers
+    if isinstance(attn_layers, dict):
+        return AttentionLayersConfig.from_dict(attn_layers)
+    raise TypeError(
+        "attn_layers must be an Encoder/Decoder/AttentionLayers module or an "
+        f"AttentionLayersConfig, got {type(attn_layers).__name__}"
+    )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TransformerWrapperConfig(Config):
+    """Options of ``TransformerWrapper`` (x-transformers keywords)."""
+
+    num_tokens: int
+    max_seq_len: int
+    attn_layers: AttentionLayersConfig
+    emb_dim: int | None = None
+    emb_dropout: float = 0.0
+    post_emb_norm: bool = False
+    num_memory_tokens: int | None = None
+    tie_embedding: bool = False
+    tie_embedding_scale: float | None = None
+    logits_dim: int | None = None
+    use_abs_pos_emb: bool = True
+    scaled_sinu_pos_emb: bool = False
+    l2norm_embed: bool = False
+    return_only_embed: bool = False
+    check_token_ids: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.num_tokens, int) or self.num_tokens <= 0:
+            raise ValueError(f"num_tokens must be a positive int, got {self.num_tokens!r}")
+        if not isinstance(self.max_seq_len, int) or self.max_seq_len < 0:
+            raise ValueError(f"max_seq_len must be an int >= 0, got {self.max_seq_len!r}")
+        if not 0.0 <= self.emb_dropout < 1.0:
+            raise ValueError(f"emb_dropout must be in [0, 1), got {self.emb_dropout}")
+        if self.num_memory_tokens is not None and self.num_memory_tokens < 0:
+            raise ValueError(f"num_memory_tokens must be >= 0, got {self.num_memory_tokens}")
+        if self.tie_embedding and self.embed_dim != self.attn_layers.dim:
+            raise ValueError(
+                f"tie_embedding=True needs emb_dim == dim, got emb_dim={self.embed_dim} "
+                f"and dim={self.attn_layers.dim}"
+            )
+        if self.scaled_sinu_pos_emb and self.embed_dim % 2:
+            raise ValueError(f"scaled_sinu_pos_emb needs an even emb_dim, got {self.embed_dim}")
+
+    @classmethod
+    def from_flat(cls, **kwargs: Any) -> TransformerWrapperConfig:
+        names = field_names(cls)
+        for key in kwargs:
+            if key not in names:
+                raise unknown_keyword_error("TransformerWrapper", key, names)
+        if "attn_layers" not in kwargs:
+            raise TypeError("TransformerWrapper needs attn_layers=Decoder(...) or Encoder(...)")
+        kwargs["attn_layers"] = stack_config(kwargs["attn_layers"])
+        return cls(**kwargs)
+
+    @property
+    def dim(self) -> int:
+        return self.attn_layers.dim
+
+    @property
+    def embed_dim(self) -> int:
+        return self.emb_dim or self.attn_layers.dim
+
+    @property
+    def has_abs_pos_emb(self) -> bool:
+        return (
+            self.max_seq_len > 0
+            and self.use_abs_pos_emb
+            and not self.attn_layers.abs_pos_emb_disabled
+        )
+
+    @property
+    def memory_token_count(self) -> int:
+        return self.num_memory_tokens or 0
+
+
+class TransformerWrapper(nn.Module, metaclass=ConfiguredMeta):
+    """Token embeddings, positions, a transformer stack and the output logits.
+
+    ``TransformerWrapper(num_tokens=256, max_seq_len=1024, attn_layers=Decoder(dim=512,
+    depth=6, heads=8))``; ``variables = model.init(key, tokens)``;
+    ``logits = model.apply(variables, tokens)``.
+    """
+
+    config: TransformerWrapperConfig
+    shared_token_emb: TokenEmbedding | None = None
+
+    @classmethod
+    def config_from_kwargs(cls, **kwargs: Any) -> TransformerWrapperConfig:
+        return TransformerWrapperConfig.from_flat(**kwargs)
+
+    def setup(self):
+        cfg = self.config
+        E = cfg.embed_dim
+        if self.shared_token_emb is not None:
+            self.token_emb = self.shared_token_emb
+        else:
+            std = 1e-5 if cfg.l2norm_embed else None
+            self.token_emb = TokenEmbedding(cfg.num_tokens, E, std=std)
+        if cfg.has_abs_pos_emb and cfg.scaled_sinu_pos_emb:
+            self.pos_emb_scale = self.param(
+                "pos_emb_scale", nn.initializers.constant(E**-0.5), (1,)
+            )
+        elif cfg.has_abs_pos_emb:
+            std = 1e-5 if cfg.l2norm_embed else 1.0
+            self.pos_emb = self.param(
+                "pos_emb",
+                nn.with_logical_partitioning(nn.initializers.normal(std), (None, EMBED)),
+                (cfg.max_seq_len, E),
+            )
+        if cfg.post_emb_norm:
+            self.post_emb_norm = Norm("layernorm", name="post_emb_norm")
+        if E != cfg.dim:
+            self.project_emb = Projection((cfg.dim,), (E,), (None, EMBED), use_bias=True)
+        if cfg.memory_token_count:
+            self.memory_tokens = self.param(
+                "memory_tokens",
+                nn.with_logical_partitioning(nn.initializers.normal(1.0), (None, EMBED)),
+                (cfg.memory_token_count, cfg.dim),
+            )
+        self.attn_layers = AttentionLayers(cfg.attn_layers)
+        if not cfg.return_only_embed and not cfg.tie_embedding:
+            self.to_logits = Projection(
+                (cfg.logits_dim or cfg.num_tokens,), (cfg.dim,), (EMBED, VOCAB)
+            )
+
+    def embed(self, x: Array, *, deterministic: bool = True) -> Array:
+        """Token ids ``[B, T]`` -> input embeddings ``[B, T, D]`` (before memory tokens)."""
+        cfg = self.config
+        T = x.shape[1]
+        tok = self.token_emb(x)
+        if cfg.l2norm_embed:
+            tok = l2_normalize(tok)
+        h = tok
+        if cfg.has_abs_pos_emb:
+            if T > cfg.max_seq_len:
+                raise ValueError(
+                    f"sequence length {T} exceeds max_seq_len={cfg.max_seq_len} of the "
+                    "absolute positional embedding"
+                )
+            if cfg.scaled_sinu_pos_emb:
+                pos = sinusoidal_embedding(jnp.arange(T), cfg.embed_dim) * self.pos_emb_scale
+            else:
+                pos = self.pos_emb[:T]
+                pos = l2_normalize(pos) if cfg.l2norm_embed else pos * cfg.embed_dim**-0.5
+            h = h + pos.astype(h.dtype)
+        if cfg.post_emb_norm:
+            h = self.post_emb_norm(h)
+        h = dropout(self, h, cfg.emb_dropout, deterministic)
+        if cfg.embed_dim != cfg.dim:
+            h = self.project_emb(h)
+        return h
+
+    def __call__(
+        self,
+        x: Array,
+        *,
+        mask: Array | None = None,
+        context: Array | None = None,
+        context_mask: Array | None = None,
+        attn_mask: Array | None = None,
+        self_attn_kv_mask: Array | None = None,
+        return_embeddings: bool = False,
+        return_logits_and_embeddings: bool = False,
+        deterministic: bool = True,
+    ) -> Array | tuple[Array, Array]:
+        """Runs the model.
+
+        Args:
+          x: token ids ``[B, T]``.
+          mask: ``[B, T]`` bool, False at padding.
+          context: ``[B, S, Dc]`` for a cross-attending stack.
+          context_mask: ``[B, S]`` bool.
+          attn_mask: extra bool attention mask ``[T, T]``, ``[N, T, T]`` or ``[B, N, T, T]``.
+          self_attn_kv_mask: ``[B, T]`` key-only mask for self-attention.
+          return_embeddings: return the final-normed hiddens ``[B, T, D]``.
+          return_logits_and_embeddings: return ``(logits, embeddings)``.
+          deterministic: disable dropout (pass ``rngs={"dropout": key}`` when False).
+
+        Returns:
+          logits ``[B, T, V]`` (or embeddings, or both).
+        """
+        cfg = self.config
+        x = jnp.asarray(x)
+        if x.ndim != 2 or not jnp.issubdtype(x.dtype, jnp.integer):
+            raise ValueError(f"x must be int token ids of shape [B, T], got {x.dtype} {x.shape}")
+        B, T = x.shape
+        if mask is not None:
+            mask = jnp.asarray(mask)
+            if mask.shape != (B, T):
+                raise ValueError(f"mask must have the shape of x {(B, T)}, got {mask.shape}")
+            mask = mask.astype(bool)
+        if cfg.check_token_ids:
+            x = _checked_token_ids(x, cfg.num_tokens)
+        h = self.embed(x, deterministic=deterministic)
+        M = cfg.memory_token_count
+        if M:
+            mem = jnp.broadcast_to(self.memory_tokens[None].astype(h.dtype), (B, M, cfg.dim))
+            h = jnp.concatenate([mem, h], axis=1)
+            if mask is not None:
+                mask = jnp.concatenate([jnp.ones((B, M), bool), mask], axis=1)
+            if self_attn_kv_mask is not None:
+                self_attn_kv_mask = jnp.concatenate(
+                    [jnp.ones((B, M), bool), self_attn_kv_mask.astype(bool)], axis=1
+                )
+            if attn_mask is not None:
+                raise ValueError("attn_mask together with num_memory_tokens is not supported")
+        h = self.attn_layers(
+            h,
+            context=context,
+            mask=mask,
+            context_mask=context_mask,
+            attn_mask=attn_mask,
+            self_attn_kv_mask=self_attn_kv_mask,
+            deterministic=deterministic,
+        )
+        h = h[:, M:]
+        if return_embeddings or cfg.return_only_embed:
+            return h
+        logits = self.logits(h)
+        if return_logits_and_embeddings:
+            return logits, h
+        return logits
+
+    def logits(self, h: Array) -> Array:
+        """Final hiddens ``[B, T, D]`` -> logits ``[B, T, V]``."""
+        cfg = self.config
+        if cfg.tie_embedding:
+            scale = cfg.tie_embedding_scale
+            scale = cfg.dim**-0.5 if scale is None else scale
+            return self.token_emb.attend(h) * scale
+        return self.to_logits(h)
+
+
+def _checked_token_ids(x: Array, num_tokens: int) -> Array:
+    """Raises on ids outside ``[0, num_tokens)``: at once, or at run time under jit."""
+
+    def check(ids):
+        ids = jax.device_get(ids)
+        bad = (ids < 0) | (ids >= num_tokens)
+        if bad.any():
+            raise ValueError(
+                f"token id {int(ids[bad][0])} in x is outside the vocabulary [0, {num_tokens})"
+            )
+
+    if isinstance(x, jax.core.Tracer):
+        jax.debug.callback(check, x)
+    else:
+        check(x)
+    return x

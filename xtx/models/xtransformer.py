@@ -1,0 +1,165 @@
+"""``XTransformer``: the encoder-decoder of arXiv 1706.03762 returning its training loss.
+
+``XTransformer(dim=512, enc_num_tokens=256, enc_depth=6, enc_heads=8,
+enc_max_seq_len=1024, dec_num_tokens=256, dec_depth=6, dec_heads=8, dec_max_seq_len=1024,
+tie_token_emb=True)``: ``enc_*`` / ``dec_*`` keywords configure the two halves as in
+x-transformers 2.31. ``model.apply(variables, src, tgt, mask=src_mask)`` returns the
+next-token cross-entropy of the decoder, which reads the encoder output through
+cross-attention.
+
+Shapes: src ``[B, S]``, tgt ``[B, T]`` int; ``mask`` ``[B, S]`` bool over src.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from xtx.config import Config, split_prefixed, unknown_keyword_error
+from xtx.layers.base import ConfiguredMeta
+from xtx.layers.embedding import TokenEmbedding
+from xtx.layers.transformer import AttentionLayersConfig
+from xtx.models.transformer_wrapper import TransformerWrapper, TransformerWrapperConfig
+from xtx.ops import autoregressive_loss
+
+Array = jax.Array
+
+_ENC_WRAPPER_KEYS = (
+    "num_tokens",
+    "max_seq_len",
+    "emb_dropout",
+    "num_memory_tokens",
+    "scaled_sinu_pos_emb",
+    "use_abs_pos_emb",
+)
+_DEC_WRAPPER_KEYS = ("num_tokens", "max_seq_len", "emb_dropout", "scaled_sinu_pos_emb", "use_abs_pos_emb")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class XTransformerConfig(Config):
+    """Encoder and decoder wrapper configs plus the loss options."""
+
+    enc: TransformerWrapperConfig
+    dec: TransformerWrapperConfig
+    tie_token_emb: bool = False
+    ignore_index: int = -100
+    pad_value: int = 0
+
+    def __post_init__(self):
+        if not self.enc.return_only_embed:
+            raise ValueError("the encoder of an XTransformer must have return_only_embed=True")
+        if not self.dec.attn_layers.cross_attend or not self.dec.attn_layers.causal:
+            raise ValueError("the decoder of an XTransformer must be causal and cross-attend")
+        if self.tie_token_emb:
+            if self.enc.num_tokens != self.dec.num_tokens:
+                raise ValueError(
+                    "tie_token_emb=True needs enc_num_tokens == dec_num_tokens, got "
+                    f"{self.enc.num_tokens} and {self.dec.num_tokens}"
+                )
+            if self.enc.embed_dim != self.dec.embed_dim:
+                raise ValueError("tie_token_emb=True needs the same embedding width on both sides")
+
+    @classmethod
+    def from_flat(
+        cls,
+        *,
+        dim: int,
+        tie_token_emb: bool = False,
+        ignore_index: int = -100,
+        pad_value: int = 0,
+        **kwargs: Any,
+    ) -> XTransformerConfig:
+        enc, rest = split_prefixed(kwargs, "enc_")
+        dec, rest = split_prefixed(rest, "dec_")
+        if rest:
+            name = next(iter(rest))
+            valid = ["dim", "tie_token_emb", "ignore_index", "pad_value", "enc_depth", "dec_depth"]
+            raise unknown_keyword_error("XTransformer", name, valid)
+        for side, kw in (("enc", enc), ("dec", dec)):
+            if "dim" in kw:
+                raise TypeError(f"set the model width with dim=..., not {side}_dim")
+            for key in ("num_tokens", "max_seq_len"):
+                if key not in kw:
+                    raise TypeError(f"XTransformer needs {side}_{key}")
+        enc_wrapper = {k: enc.pop(k) for k in _ENC_WRAPPER_KEYS if k in enc}
+        dec_wrapper = {k: dec.pop(k) for k in _DEC_WRAPPER_KEYS if k in dec}
+        for key in ("causal", "cross_attend"):
+            for side, kw in (("enc", enc), ("dec", dec)):
+                if key in kw:
+                    raise TypeError(f"XTransformer sets {key} itself; do not pass {side}_{key}")
+        enc_stack = AttentionLayersConfig.from_flat(dim=dim, causal=False, **enc)
+        dec_stack = AttentionLayersConfig.from_flat(dim=dim, causal=True, cross_attend=True, **dec)
+        return cls(
+            enc=TransformerWrapperConfig(
+                attn_layers=enc_stack, return_only_embed=True, **enc_wrapper
+            ),
+            dec=TransformerWrapperConfig(attn_layers=dec_stack, **dec_wrapper),
+            tie_token_emb=tie_token_emb,
+            ignore_index=ignore_index,
+            pad_value=pad_value,
+        )
+
+
+class XTransformer(nn.Module, metaclass=ConfiguredMeta):
+    """Encoder-decoder transformer that returns the decoder's next-token loss."""
+
+    config: XTransformerConfig
+
+    @classmethod
+    def config_from_kwargs(cls, **kwargs: Any) -> XTransformerConfig:
+        return XTransformerConfig.from_flat(**kwargs)
+
+    def setup(self):
+        cfg = self.config
+        shared = None
+        if cfg.tie_token_emb:
+            shared = TokenEmbedding(cfg.enc.num_tokens, cfg.enc.embed_dim, name="shared_token_emb")
+        self.encoder = TransformerWrapper(cfg.enc, shared_token_emb=shared)
+        self.decoder = TransformerWrapper(cfg.dec, shared_token_emb=shared)
+
+    def encode(
+        self,
+        src: Array,
+        *,
+        mask: Array | None = None,
+        attn_mask: Array | None = None,
+        deterministic: bool = True,
+    ) -> Array:
+        """Encoder embeddings ``[B, S, D]``."""
+        return self.encoder(src, mask=mask, attn_mask=attn_mask, deterministic=deterministic)
+
+    def decode(
+        self,
+        tgt: Array,
+        encoded: Array,
+        *,
+        mask: Array | None = None,
+        deterministic: bool = True,
+    ) -> Array:
+        """Decoder logits ``[B, T, V]`` given the encoder output."""
+        return self.decoder(tgt, context=encoded, context_mask=mask, deterministic=deterministic)
+
+    def __call__(
+        self,
+        src: Array,
+        tgt: Array,
+        *,
+        mask: Array | None = None,
+        attn_mask: Array | None = None,
+        deterministic: bool = True,
+    ) -> Array:
+        """Next-token cross-entropy of ``tgt`` given ``src``.
+
+        Target tokens equal to ``ignore_index`` do not count and are fed to the decoder
+        as ``pad_value``.
+        """
+        cfg = self.config
+        encoded = self.encode(src, mask=mask, attn_mask=attn_mask, deterministic=deterministic)
+        tgt = jnp.asarray(tgt)
+        inp = jnp.where(tgt == cfg.ignore_index, cfg.pad_value, tgt)
+        logits = self.decode(inp, encoded, mask=mask, deterministic=deterministic)
+        return autoregressive_loss(logits, tgt, ignore_index=cfg.ignore_index)

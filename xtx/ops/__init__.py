@@ -1,0 +1,55 @@
+"""Pure, jittable functions: attention, masks, positional schemes and norms.
+
+Nothing here imports Flax, so these can be used from raw JAX, Equinox or NNX code.
+"""
+
+from xtx.ops.attention import (
+    attention,
+    attention_logits,
+    attention_output,
+    available_backends,
+    mask_value,
+    reference_attention,
+    register_backend,
+)
+from xtx.ops.losses import autoregressive_loss, cross_entropy
+from xtx.ops.masks import AttentionMask, pad_keys
+from xtx.ops.norms import l2_normalize, layer_norm, rms_norm, scale_norm
+from xtx.ops.positional import (
+    alibi_bias,
+    alibi_slopes,
+    apply_rotary,
+    rotary_angles,
+    rotary_inv_freq,
+    sinusoidal_embedding,
+    t5_position_bias,
+    t5_relative_position_bucket,
+    xpos_scale,
+)
+
+__all__ = [
+    "AttentionMask",
+    "alibi_bias",
+    "alibi_slopes",
+    "apply_rotary",
+    "attention",
+    "attention_logits",
+    "attention_output",
+    "autoregressive_loss",
+    "available_backends",
+    "cross_entropy",
+    "l2_normalize",
+    "layer_norm",
+    "mask_value",
+    "pad_keys",
+    "reference_attention",
+    "register_backend",
+    "rms_norm",
+    "rotary_angles",
+    "rotary_inv_freq",
+    "scale_norm",
+    "sinusoidal_embedding",
+    "t5_position_bias",
+    "t5_relative_position_bucket",
+    "xpos_scale",
+]
