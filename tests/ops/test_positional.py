@@ -107,7 +107,9 @@ def naive_bucket(rel, causal, num_buckets=32, max_distance=128):
     exact = num_buckets // 2
     if n < exact:
         return offset + n
-    large = exact + int(math.log(n / exact) / math.log(max_distance / exact) * (num_buckets - exact))
+    large = exact + int(
+        math.log(n / exact) / math.log(max_distance / exact) * (num_buckets - exact)
+    )
     return offset + min(large, num_buckets - 1)
 
 
@@ -117,7 +119,7 @@ def torch_rotary(x, positions, rot_dim, *, key=False, use_xpos=False, scale_base
     freqs, scale = rotary(torch.as_tensor(np.asarray(positions)))
     if use_xpos and key:
         scale = scale**-1.0
-    t = torch.from_numpy(np.asarray(x)).permute(0, 2, 1, 3)  # [B, N, T, H]
+    t = torch.tensor(np.asarray(x)).permute(0, 2, 1, 3)  # [B, N, T, H]
     return apply_rotary_pos_emb(t, freqs, scale).permute(0, 2, 1, 3).numpy()
 
 
@@ -169,7 +171,9 @@ def test_rotary_inv_freq_bitwise_x_transformers(rot_dim, base, factor):
 def test_rotary_inv_freq_hand_worked():
     np.testing.assert_allclose(rotary_inv_freq(4), [1.0, 0.01], rtol=1e-6)
     # base' = 10000 * 4 ** (4 / 2) = 160000, so inv_freq = [1, 160000 ** -0.5].
-    np.testing.assert_allclose(rotary_inv_freq(4, base_rescale_factor=4.0), [1.0, 1 / 400], rtol=1e-6)
+    np.testing.assert_allclose(
+        rotary_inv_freq(4, base_rescale_factor=4.0), [1.0, 1 / 400], rtol=1e-6
+    )
 
 
 def test_rotary_angles_hand_worked():
@@ -270,7 +274,8 @@ def test_xpos_scale_hand_worked():
 
 
 @pytest.mark.parametrize(
-    "positions", [np.arange(6), np.arange(-4, 2), np.array([[0, 1, 2, 3, 4, 5], [3, 4, 5, 6, 7, 8]])]
+    "positions",
+    [np.arange(6), np.arange(-4, 2), np.array([[0, 1, 2, 3, 4, 5], [3, 4, 5, 6, 7, 8]])],
 )
 def test_xpos_scale_matches_x_transformers(positions):
     rot_dim, scale_base = 8, 4
@@ -302,7 +307,9 @@ def test_apply_rotary_xpos_queries_and_keys(interleaved):
         jnp.asarray(positions), rot_dim, scale_base=scale_base, interleaved=interleaved
     )
     q = np.asarray(
-        _apply_rotary(x, jnp.asarray(positions), rot_dim=rot_dim, interleaved=interleaved, scale=scale)
+        _apply_rotary(
+            x, jnp.asarray(positions), rot_dim=rot_dim, interleaved=interleaved, scale=scale
+        )
     )
     k = np.asarray(
         _apply_rotary(
@@ -346,15 +353,11 @@ def test_t5_bucket_hand_worked():
     # relative_position = k - q. Causal: future keys -> 0; distances 0..15 exact;
     # 32 -> 16 + trunc(log(2) / log(8) * 16) = 16 + 5; 128 and beyond -> 31.
     rel = jnp.array([5, 0, -1, -15, -16, -32, -127, -128, -1000])
-    np.testing.assert_array_equal(
-        _bucket(rel, causal=True), [0, 0, 1, 15, 16, 21, 31, 31, 31]
-    )
+    np.testing.assert_array_equal(_bucket(rel, causal=True), [0, 0, 1, 15, 16, 21, 31, 31, 31])
     # Bidirectional: 16 buckets per direction, +16 when the key is in the future;
     # 20 -> 8 + trunc(log(2.5) / log(16) * 8) = 10; past 128 -> 15.
     rel = jnp.array([-1, 1, -7, 7, -8, -20, 20, -200, 200])
-    np.testing.assert_array_equal(
-        _bucket(rel, causal=False), [1, 17, 7, 23, 8, 10, 26, 15, 31]
-    )
+    np.testing.assert_array_equal(_bucket(rel, causal=False), [1, 17, 7, 23, 8, 10, 26, 15, 31])
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -390,7 +393,7 @@ def test_t5_position_bias_default_buckets_and_batched_positions():
     embedding = jnp.asarray(_randn(32, 2, seed=4))
     module = RelativePositionBias(scale=1.0, causal=True, heads=2)
     with torch.no_grad():
-        module.relative_attention_bias.weight.copy_(torch.from_numpy(np.asarray(embedding)))
+        module.relative_attention_bias.weight.copy_(torch.tensor(np.asarray(embedding)))
     expected = module(3, 140).detach().numpy()  # distances up to 139 > 128
     ours = _t5_bias(embedding, jnp.arange(137, 140), jnp.arange(140), causal=True)
     np.testing.assert_allclose(ours, expected, atol=ATOL)
@@ -461,7 +464,10 @@ def test_alibi_bias_batched_float_positions():
         (lambda: rotary_inv_freq(2, base_rescale_factor=2.0), "rot_dim"),
         (lambda: rotary_inv_freq(8, base=-1.0), "base"),
         (lambda: rotary_angles(jnp.arange(3), jnp.ones((2, 2))), "inv_freq"),
-        (lambda: rotary_angles(jnp.arange(3), jnp.ones(2), interpolation_factor=0.5), "interpolation_factor"),
+        (
+            lambda: rotary_angles(jnp.arange(3), jnp.ones(2), interpolation_factor=0.5),
+            "interpolation_factor",
+        ),
         (lambda: xpos_scale(jnp.arange(3), 4, scale_base=0), "scale_base"),
         (lambda: apply_rotary(jnp.ones((4, 2, 8)), jnp.arange(3)), "positions"),
         (lambda: apply_rotary(jnp.ones((1, 4, 2, 8)), jnp.zeros((1, 1, 4))), "positions"),
@@ -469,13 +475,33 @@ def test_alibi_bias_batched_float_positions():
         (lambda: apply_rotary(jnp.ones((4, 8)), jnp.arange(4)), "x"),
         (lambda: apply_rotary(jnp.ones((1, 4, 2, 8)), jnp.arange(4), rot_dim=10), "rot_dim"),
         (lambda: apply_rotary(jnp.ones((1, 4, 2, 8)), jnp.arange(4), rot_dim=3), "rot_dim"),
-        (lambda: apply_rotary(jnp.ones((1, 4, 2, 8)), jnp.arange(4), rot_dim=4, inv_freq=jnp.ones(3)), "inv_freq"),
-        (lambda: apply_rotary(jnp.ones((1, 4, 2, 8)), jnp.arange(4), scale=jnp.ones((4, 4))), "scale"),
+        (
+            lambda: apply_rotary(
+                jnp.ones((1, 4, 2, 8)), jnp.arange(4), rot_dim=4, inv_freq=jnp.ones(3)
+            ),
+            "inv_freq",
+        ),
+        (
+            lambda: apply_rotary(jnp.ones((1, 4, 2, 8)), jnp.arange(4), scale=jnp.ones((4, 4))),
+            "scale",
+        ),
         (lambda: t5_relative_position_bucket(jnp.zeros(3), causal=True), "relative_position"),
-        (lambda: t5_relative_position_bucket(jnp.arange(3), causal=False, num_buckets=7), "num_buckets"),
-        (lambda: t5_relative_position_bucket(jnp.arange(3), causal=True, max_distance=16), "max_distance"),
-        (lambda: t5_position_bias(jnp.ones((16, 2)), jnp.arange(3), jnp.arange(3), causal=True), "embedding"),
-        (lambda: t5_position_bias(jnp.ones((32, 2)), jnp.zeros(3), jnp.arange(3), causal=True), "q_positions"),
+        (
+            lambda: t5_relative_position_bucket(jnp.arange(3), causal=False, num_buckets=7),
+            "num_buckets",
+        ),
+        (
+            lambda: t5_relative_position_bucket(jnp.arange(3), causal=True, max_distance=16),
+            "max_distance",
+        ),
+        (
+            lambda: t5_position_bias(jnp.ones((16, 2)), jnp.arange(3), jnp.arange(3), causal=True),
+            "embedding",
+        ),
+        (
+            lambda: t5_position_bias(jnp.ones((32, 2)), jnp.zeros(3), jnp.arange(3), causal=True),
+            "q_positions",
+        ),
         (lambda: alibi_slopes(0), "heads"),
         (lambda: alibi_slopes(6, total_heads=4), "total_heads"),
         (lambda: alibi_bias(jnp.ones((2, 2)), jnp.arange(3), jnp.arange(3)), "slopes"),

@@ -19,9 +19,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from xtx.config import Config, split_prefixed, unknown_keyword_error
+from xtx.config import Config, field_names, split_prefixed, unknown_keyword_error
+from xtx.layers.attention import AttentionConfig
 from xtx.layers.base import ConfiguredMeta
 from xtx.layers.embedding import TokenEmbedding
+from xtx.layers.feedforward import FeedForwardConfig
 from xtx.layers.transformer import AttentionLayersConfig
 from xtx.models.transformer_wrapper import TransformerWrapper, TransformerWrapperConfig
 from xtx.ops import autoregressive_loss
@@ -37,6 +39,18 @@ _ENC_WRAPPER_KEYS = (
     "use_abs_pos_emb",
 )
 _DEC_WRAPPER_KEYS = ("num_tokens", "max_seq_len", "emb_dropout", "scaled_sinu_pos_emb", "use_abs_pos_emb")
+
+
+def _stack_keywords() -> set[str]:
+    """The flat keywords ``AttentionLayersConfig.from_flat`` accepts."""
+    own = set(field_names(AttentionLayersConfig)) - {"attn", "cross_attn", "ff"}
+    attn = set(field_names(AttentionConfig))
+    return (
+        own
+        | {f"attn_{n}" for n in attn}
+        | {f"cross_attn_{n}" for n in attn}
+        | {f"ff_{n}" for n in field_names(FeedForwardConfig)}
+    )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -75,10 +89,21 @@ class XTransformerConfig(Config):
     ) -> XTransformerConfig:
         enc, rest = split_prefixed(kwargs, "enc_")
         dec, rest = split_prefixed(rest, "dec_")
-        if rest:
-            name = next(iter(rest))
-            valid = ["dim", "tie_token_emb", "ignore_index", "pad_value", "enc_depth", "dec_depth"]
-            raise unknown_keyword_error("XTransformer", name, valid)
+        # Check every keyword here, with its side prefix, so that a misspelt
+        # ``enc_max_seq_length`` is reported as such and gets ``enc_max_seq_len`` as the
+        # suggestion instead of failing deep inside the stack config.
+        enc_valid = _stack_keywords() | set(_ENC_WRAPPER_KEYS)
+        dec_valid = _stack_keywords() | set(_DEC_WRAPPER_KEYS)
+        valid = (
+            {"dim", "tie_token_emb", "ignore_index", "pad_value"}
+            | {f"enc_{k}" for k in enc_valid}
+            | {f"dec_{k}" for k in dec_valid}
+        )
+        unknown = [*rest]
+        unknown += [f"enc_{k}" for k in enc if k not in enc_valid]
+        unknown += [f"dec_{k}" for k in dec if k not in dec_valid]
+        if unknown:
+            raise unknown_keyword_error("XTransformer", unknown[0], valid)
         for side, kw in (("enc", enc), ("dec", dec)):
             if "dim" in kw:
                 raise TypeError(f"set the model width with dim=..., not {side}_dim")

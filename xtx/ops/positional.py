@@ -135,7 +135,7 @@ def rotary_angles(positions, inv_freq, *, interpolation_factor=1.0):
 def _full_layout(half, interleaved):
     """[..., r/2] -> [..., r]: pairs (2k, 2k+1) if interleaved, else halves (k, k + r/2)."""
     if interleaved:
-        return jnp.concatenate([half, half], axis=-1)
+        return jnp.repeat(half, 2, axis=-1)
     return jnp.concatenate([half, half], axis=-1)
 
 
@@ -255,6 +255,13 @@ def apply_rotary(
     _require_positive_even("rot_dim", rot_dim)
     if rot_dim > head_dim:
         raise ValueError(f"rot_dim must be <= head dim H={head_dim}, got {rot_dim}")
+    if scale is not None:
+        scale = jnp.asarray(scale)
+        if scale.ndim not in (2, 3) or scale.shape[-2:] != (seq_len, rot_dim):
+            raise ValueError(
+                f"scale must be [T, rot_dim] or [B, T, rot_dim] = [..., {seq_len}, {rot_dim}], "
+                f"got shape {scale.shape}"
+            )
     if inv_freq is None:
         inv_freq = rotary_inv_freq(rot_dim, base=base, base_rescale_factor=base_rescale_factor)
 
@@ -267,12 +274,6 @@ def apply_rotary(
         _rotate_half(x_rot, interleaved) * jnp.sin(angles).astype(compute_dtype),
     )
     if scale is not None:
-        scale = jnp.asarray(scale)
-        if scale.ndim not in (2, 3) or scale.shape[-2:] != (seq_len, rot_dim):
-            raise ValueError(
-                f"scale must be [T, rot_dim] or [B, T, rot_dim] = [..., {seq_len}, {rot_dim}], "
-                f"got shape {scale.shape}"
-            )
         scale = scale[..., None, :].astype(compute_dtype)  # [(B,) T, 1, rot_dim]
         rotated = tuple(part * scale for part in rotated)
     out = (rotated[0] + rotated[1]).astype(x.dtype)
