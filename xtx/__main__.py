@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     with torch.no_grad():
         expected = torch_model(torch.from_numpy(x)).numpy()
     got = np.asarray(converted.apply(converted_vars, jnp.asarray(x)))
-    print(f"x-transformers -> xtx conversion: max |logit difference| = {np.abs(got - expected).max():.2e}")
+    diff = np.abs(got - expected).max()
+    print(f"x-transformers -> xtx conversion: max |logit difference| = {diff:.2e}")
 
 
 if __name__ == "__main__":

@@ -87,7 +87,9 @@ class Config:
     def from_dict(cls: type[C], data: Mapping[str, Any]) -> C:
         """Rebuilds a config from ``to_dict`` output; unknown keys raise ``TypeError``."""
         if not isinstance(data, Mapping):
-            raise TypeError(f"{cls.__name__}.from_dict expects a mapping, got {type(data).__name__}")
+            raise TypeError(
+                f"{cls.__name__}.from_dict expects a mapping, got {type(data).__name__}"
+            )
         hints = typing.get_type_hints(cls)
         names = {f.name for f in dataclasses.fields(cls) if f.init}
         kwargs = {}
@@ -136,9 +138,7 @@ def field_names(cls: type[Config]) -> list[str]:
     return [f.name for f in dataclasses.fields(cls) if f.init]
 
 
-def split_prefixed(
-    kwargs: dict[str, Any], prefix: str
-) -> tuple[dict[str, Any], dict[str, Any]]:
+def split_prefixed(kwargs: dict[str, Any], prefix: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """Splits ``kwargs`` into (``prefix``-stripped matches, the rest)."""
     matched = {k[len(prefix) :]: v for k, v in kwargs.items() if k.startswith(prefix)}
     rest = {k: v for k, v in kwargs.items() if not k.startswith(prefix)}

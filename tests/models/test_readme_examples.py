@@ -12,6 +12,7 @@ compiled kernel per parameter and activation shape serves them all) and runs eag
 
 import math
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -35,7 +36,9 @@ NUM_PATCHES = (IMAGE // PATCH) ** 2
 
 
 def _key(seed):
-    return jax.random.key(seed)
+    # RBG keys: their sampling kernels compile about 3x faster than threefry's on CPU,
+    # and compiling is most of this file's run time.
+    return jax.random.key(seed, impl="rbg")
 
 
 def _tokens(seed=0):
@@ -128,7 +131,9 @@ def test_gpt3_config_builds_and_has_175b_params():
     leaves = jax.tree_util.tree_leaves(nn.meta.unbox(shapes))
     count = sum(math.prod(leaf.shape) for leaf in leaves)
     assert count == _gpt_param_count(50000, 2048, 12288, 96, 96, 128)
-    assert count == 175_208_411_136  # the "175B" of GPT-3
+    # The "175B" of GPT-3; x-transformers 2.31.10 built on torch's meta device counts
+    # exactly the same.
+    assert count == 175_208_411_136
 
 
 def test_encoder_only_with_mask():
@@ -222,7 +227,7 @@ def test_dropouts():
     np.testing.assert_array_equal(train_a, train_a_again)
     assert not np.allclose(train_a, train_b)
     assert not np.allclose(train_a, eval_a)
-    with pytest.raises(Exception, match="dropout"):
+    with pytest.raises(flax.errors.InvalidRngError, match='needs PRNG for "dropout"'):
         model.apply(variables, x, deterministic=False)  # no dropout key
 
 

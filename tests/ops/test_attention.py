@@ -26,8 +26,11 @@ def naive_attention(q, k, v, allowed, bias=None, scale=None):
                 if not keys:
                     continue  # a query with no visible key outputs zeros
                 logits = np.array(
-                    [q[b, t, n] @ k[b, s, n % kv] * scale + (0 if bias is None else bias[b, n, t, s])
-                     for s in keys]
+                    [
+                        q[b, t, n] @ k[b, s, n % kv] * scale
+                        + (0 if bias is None else bias[b, n, t, s])
+                        for s in keys
+                    ]
                 )
                 p = np.exp(logits - logits.max())
                 p /= p.sum()
@@ -35,11 +38,21 @@ def naive_attention(q, k, v, allowed, bias=None, scale=None):
     return out
 
 
-def allowed_from_rules(causal=False, offset=None, window=(None, None), key_padding=None,
-                       segments=None, explicit=None, t=T, s=S):
+def allowed_from_rules(
+    causal=False,
+    offset=None,
+    window=(None, None),
+    key_padding=None,
+    segments=None,
+    explicit=None,
+    t=T,
+    s=S,
+):
     """Hand-written rules for which (query, key) pairs may attend; float of the docstring."""
     allowed = np.ones((B, N, t, s), bool)
-    offsets = [s - t if offset is None else (offset[b] if np.ndim(offset) else offset) for b in range(B)]
+    offsets = [
+        s - t if offset is None else (offset[b] if np.ndim(offset) else offset) for b in range(B)
+    ]
     for b in range(B):
         for qi in range(t):
             p = offsets[b] + qi
@@ -71,7 +84,10 @@ def qkv():
 
 
 key_padding = np.array([[1, 1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 0, 1]], bool)
-segments = (np.array([[0, 0, 1, 1, 1], [0, 1, 1, 1, 2]]), np.array([[0, 0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 2]]))
+segments = (
+    np.array([[0, 0, 1, 1, 1], [0, 1, 1, 1, 2]]),
+    np.array([[0, 0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 2]]),
+)
 
 CASES = {
     "none": ({}, {}),
@@ -110,7 +126,9 @@ def test_explicit_mask_and_bias(qkv):
     rng = np.random.default_rng(1)
     explicit = rng.random((N, T, S)) > 0.3
     bias = rng.standard_normal((B, N, T, S)).astype(np.float32)
-    got = attention(q, k, v, mask=AttentionMask(explicit=jnp.asarray(explicit)), bias=jnp.asarray(bias))
+    got = attention(
+        q, k, v, mask=AttentionMask(explicit=jnp.asarray(explicit)), bias=jnp.asarray(bias)
+    )
     expected = naive_attention(q, k, v, allowed_from_rules(explicit=explicit), bias=bias)
     np.testing.assert_allclose(np.asarray(got), expected, atol=1e-5)
 
@@ -133,8 +151,12 @@ def test_grouped_query_heads_tile(qkv, kv_heads):
     expected = naive_attention(q, k, v, allowed_from_rules(causal=True))
     np.testing.assert_allclose(np.asarray(got), expected, atol=1e-5)
     # Same as repeating the kv heads by tiling, never by consecutive grouping.
-    tiled = attention(q, jnp.tile(k, (1, 1, N // kv_heads, 1)), jnp.tile(v, (1, 1, N // kv_heads, 1)),
-                      mask=AttentionMask(causal=True))
+    tiled = attention(
+        q,
+        jnp.tile(k, (1, 1, N // kv_heads, 1)),
+        jnp.tile(v, (1, 1, N // kv_heads, 1)),
+        mask=AttentionMask(causal=True),
+    )
     np.testing.assert_allclose(np.asarray(got), np.asarray(tiled), atol=1e-6)
 
 

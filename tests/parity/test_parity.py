@@ -51,7 +51,9 @@ def _torch_call(model, args, kwargs):
 
 def _jax_call(module, variables, args, kwargs):
     conv = lambda v: jnp.asarray(v) if isinstance(v, np.ndarray) else v  # noqa: E731
-    out = module.apply(variables, *[conv(a) for a in args], **{k: conv(v) for k, v in kwargs.items()})
+    out = module.apply(
+        variables, *[conv(a) for a in args], **{k: conv(v) for k, v in kwargs.items()}
+    )
     if isinstance(out, tuple):
         return tuple(np.asarray(o) for o in out)
     return np.asarray(out)
@@ -64,8 +66,11 @@ def assert_parity(model, args, kwargs=None, *, seed=0):
     module, variables = interop.from_x_transformers(model, verify=False)
     expected = _torch_call(model, args, kwargs)
     got = _jax_call(module, variables, args, kwargs)
-    for e, g in zip(expected if isinstance(expected, tuple) else (expected,),
-                    got if isinstance(got, tuple) else (got,), strict=True):
+    for e, g in zip(
+        expected if isinstance(expected, tuple) else (expected,),
+        got if isinstance(got, tuple) else (got,),
+        strict=True,
+    ):
         assert e.shape == g.shape
         np.testing.assert_allclose(g, e, atol=ATOL, rtol=0)
     return module, variables
@@ -188,7 +193,9 @@ def test_continuous_probabilistic_memory_tokens():
 
 def test_dim_head_not_dim_over_heads():
     torch.manual_seed(13)
-    assert_parity(wrapper(xt.Decoder(dim=D, depth=2, heads=HEADS, attn_dim_head=12)), (_tokens(13),))
+    assert_parity(
+        wrapper(xt.Decoder(dim=D, depth=2, heads=HEADS, attn_dim_head=12)), (_tokens(13),)
+    )
 
 
 @pytest.mark.parametrize("kv", [{"attn_kv_heads": 2}, {"attn_one_kv_head": True}])
@@ -329,12 +336,27 @@ def test_round_trip_jax_torch_jax():
 @pytest.mark.parametrize(
     "build, option",
     [
-        (lambda: wrapper(xt.Decoder(dim=D, depth=1, heads=HEADS, attn_qk_norm=True)), "attn_qk_norm"),
-        (lambda: wrapper(xt.Decoder(dim=D, depth=1, heads=HEADS, gate_residual=True)), "gate_residual"),
-        (lambda: wrapper(xt.Decoder(dim=D, depth=1, heads=HEADS, attn_pre_talking_heads=True)), "attn_pre_talking_heads"),
+        (
+            lambda: wrapper(xt.Decoder(dim=D, depth=1, heads=HEADS, attn_qk_norm=True)),
+            "attn_qk_norm",
+        ),
+        (
+            lambda: wrapper(xt.Decoder(dim=D, depth=1, heads=HEADS, gate_residual=True)),
+            "gate_residual",
+        ),
+        (
+            lambda: wrapper(xt.Decoder(dim=D, depth=1, heads=HEADS, attn_pre_talking_heads=True)),
+            "attn_pre_talking_heads",
+        ),
         (lambda: wrapper(xt.Decoder(dim=D, depth=1, heads=HEADS), max_mem_len=4), "max_mem_len"),
-        (lambda: wrapper(xt.Decoder(dim=D, depth=1, heads=HEADS, residual_attn=True)), "residual_attn"),
-        (lambda: wrapper(xt.Decoder(dim=D, depth=1, heads=HEADS, dynamic_pos_bias=True)), "DynamicPositionBias"),
+        (
+            lambda: wrapper(xt.Decoder(dim=D, depth=1, heads=HEADS, residual_attn=True)),
+            "residual_attn",
+        ),
+        (
+            lambda: wrapper(xt.Decoder(dim=D, depth=1, heads=HEADS, dynamic_pos_bias=True)),
+            "DynamicPositionBias",
+        ),
     ],
     ids=["qk_norm", "gate_residual", "talking_heads", "xl", "residual_attn", "dynamic_bias"],
 )

@@ -50,9 +50,7 @@ class Norm(nn.Module):
                 bias = self.param(
                     "bias", nn.with_logical_partitioning(nn.initializers.zeros, axes), shape
                 )
-            return norm_ops.layer_norm(
-                x, scale, bias, eps=self.eps, unit_offset=self.unit_offset
-            )
+            return norm_ops.layer_norm(x, scale, bias, eps=self.eps, unit_offset=self.unit_offset)
         if self.kind == "rmsnorm":
             return norm_ops.rms_norm(x, scale, unit_offset=self.unit_offset)
         return norm_ops.scale_norm(x, scale, unit_offset=self.unit_offset)

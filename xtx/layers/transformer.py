@@ -117,29 +117,30 @@ class AttentionLayersConfig(Config):
         self.attn.num_kv_heads(self.heads)
 
     @classmethod
-    def from_flat(cls, **kwargs: Any) -> AttentionLayersConfig:
-        """Builds a config from x-transformers style flat keywords."""
+    def flat_keywords(cls) -> set[str]:
+        """Every flat keyword ``from_flat`` accepts (``attn_*``, ``ff_*``, ...)."""
+        own = set(field_names(cls))
+        attn = field_names(AttentionConfig)
+        return (
+            own
+            | {f"attn_{n}" for n in attn}
+            | {f"cross_attn_{n}" for n in attn}
+            | {f"ff_{n}" for n in field_names(FeedForwardConfig)}
+        )
+
+    @classmethod
+    def from_flat(cls, *, owner: str | None = None, **kwargs: Any) -> AttentionLayersConfig:
+        """Builds a config from x-transformers style flat keywords.
+
+        ``owner`` names the public class in error messages (``Decoder``, ...).
+        """
+        valid = cls.flat_keywords()
+        for name in kwargs:
+            if name not in valid:
+                raise unknown_keyword_error(owner or cls.__name__, name, valid)
         cross, rest = split_prefixed(kwargs, "cross_attn_")
         attn, rest = split_prefixed(rest, "attn_")
         ff, rest = split_prefixed(rest, "ff_")
-        own = set(field_names(cls)) - {"attn", "cross_attn", "ff"}
-        valid = (
-            own
-            | {f"attn_{n}" for n in field_names(AttentionConfig)}
-            | {f"cross_attn_{n}" for n in field_names(AttentionConfig)}
-            | {f"ff_{n}" for n in field_names(FeedForwardConfig)}
-        )
-        for prefix, group, sub in (
-            ("attn_", attn, AttentionConfig),
-            ("cross_attn_", cross, AttentionConfig),
-            ("ff_", ff, FeedForwardConfig),
-        ):
-            for name in group:
-                if name not in field_names(sub):
-                    raise unknown_keyword_error(cls.__name__, prefix + name, valid)
-        for name in rest:
-            if name not in own and name not in ("attn", "cross_attn", "ff"):
-                raise unknown_keyword_error(cls.__name__, name, valid)
         attn_cfg = rest.pop("attn", None) or AttentionConfig()
         ff_cfg = rest.pop("ff", None) or FeedForwardConfig()
         attn_cfg = attn_cfg.replace(**attn) if attn else attn_cfg
@@ -268,7 +269,7 @@ class AttentionLayers(nn.Module, metaclass=ConfiguredMeta):
             if key in kwargs and kwargs[key] != value:
                 raise TypeError(f"{cls.__name__} sets {key}={value}; do not pass {key}")
             kwargs[key] = value
-        return AttentionLayersConfig.from_flat(**kwargs)
+        return AttentionLayersConfig.from_flat(owner=cls.__name__, **kwargs)
 
     @property
     def dim(self) -> int:

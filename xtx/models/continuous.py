@@ -63,9 +63,7 @@ class ContinuousConfig(Config):
     @property
     def has_project_in(self) -> bool:
         dim = self.attn_layers.dim
-        return self.dim_in is not None and (
-            not self.use_identity_if_same_dim or self.dim_in != dim
-        )
+        return self.dim_in is not None and (not self.use_identity_if_same_dim or self.dim_in != dim)
 
     @property
     def project_out_dim(self) -> int | None:
@@ -76,7 +74,9 @@ class ContinuousConfig(Config):
     @property
     def has_project_out(self) -> bool:
         out = self.project_out_dim
-        return out is not None and (not self.use_identity_if_same_dim or out != self.attn_layers.dim)
+        return out is not None and (
+            not self.use_identity_if_same_dim or out != self.attn_layers.dim
+        )
 
 
 class ContinuousTransformerWrapper(nn.Module, metaclass=ConfiguredMeta):

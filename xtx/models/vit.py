@@ -108,9 +108,7 @@ class ViTransformerWrapper(nn.Module, metaclass=ConfiguredMeta):
             raise ValueError(f"img must have shape {layout} = [B, *{expected}], got {img.shape}")
         x = patchify(img, cfg.patch_size, channels_last=cfg.channels_last)
         x = Norm("layernorm", name="patch_norm_in")(x)
-        x = Projection((dim,), (cfg.patch_dim,), (None, EMBED), use_bias=True, name="patch_proj")(
-            x
-        )
+        x = Projection((dim,), (cfg.patch_dim,), (None, EMBED), use_bias=True, name="patch_proj")(x)
         x = Norm("layernorm", name="patch_norm_out")(x)
         pos = self.param(
             "pos_embedding",
@@ -129,16 +127,14 @@ class ViTransformerWrapper(nn.Module, metaclass=ConfiguredMeta):
                 (R, dim),
             )
             x = jnp.concatenate([x, jnp.broadcast_to(reg[None], (x.shape[0], R, dim))], axis=1)
-        embed = AttentionLayers(cfg.attn_layers, name="attn_layers")(
-            x, deterministic=deterministic
-        )
+        embed = AttentionLayers(cfg.attn_layers, name="attn_layers")(x, deterministic=deterministic)
         if R:
             embed = embed[:, :-R]
         if cfg.num_classes is None or return_embeddings:
             return embed
-        logits = Projection((cfg.num_classes,), (dim,), (EMBED, None), use_bias=True, name="mlp_head")(
-            embed.mean(axis=1)
-        )
+        logits = Projection(
+            (cfg.num_classes,), (dim,), (EMBED, None), use_bias=True, name="mlp_head"
+        )(embed.mean(axis=1))
         if return_logits_and_embeddings:
             return logits, embed
         return logits

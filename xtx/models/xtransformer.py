@@ -19,11 +19,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from xtx.config import Config, field_names, split_prefixed, unknown_keyword_error
-from xtx.layers.attention import AttentionConfig
+from xtx.config import Config, split_prefixed, unknown_keyword_error
 from xtx.layers.base import ConfiguredMeta
 from xtx.layers.embedding import TokenEmbedding
-from xtx.layers.feedforward import FeedForwardConfig
 from xtx.layers.transformer import AttentionLayersConfig
 from xtx.models.transformer_wrapper import TransformerWrapper, TransformerWrapperConfig
 from xtx.ops import autoregressive_loss
@@ -38,19 +36,13 @@ _ENC_WRAPPER_KEYS = (
     "scaled_sinu_pos_emb",
     "use_abs_pos_emb",
 )
-_DEC_WRAPPER_KEYS = ("num_tokens", "max_seq_len", "emb_dropout", "scaled_sinu_pos_emb", "use_abs_pos_emb")
-
-
-def _stack_keywords() -> set[str]:
-    """The flat keywords ``AttentionLayersConfig.from_flat`` accepts."""
-    own = set(field_names(AttentionLayersConfig)) - {"attn", "cross_attn", "ff"}
-    attn = set(field_names(AttentionConfig))
-    return (
-        own
-        | {f"attn_{n}" for n in attn}
-        | {f"cross_attn_{n}" for n in attn}
-        | {f"ff_{n}" for n in field_names(FeedForwardConfig)}
-    )
+_DEC_WRAPPER_KEYS = (
+    "num_tokens",
+    "max_seq_len",
+    "emb_dropout",
+    "scaled_sinu_pos_emb",
+    "use_abs_pos_emb",
+)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -92,8 +84,8 @@ class XTransformerConfig(Config):
         # Check every keyword here, with its side prefix, so that a misspelt
         # ``enc_max_seq_length`` is reported as such and gets ``enc_max_seq_len`` as the
         # suggestion instead of failing deep inside the stack config.
-        enc_valid = _stack_keywords() | set(_ENC_WRAPPER_KEYS)
-        dec_valid = _stack_keywords() | set(_DEC_WRAPPER_KEYS)
+        enc_valid = AttentionLayersConfig.flat_keywords() | set(_ENC_WRAPPER_KEYS)
+        dec_valid = AttentionLayersConfig.flat_keywords() | set(_DEC_WRAPPER_KEYS)
         valid = (
             {"dim", "tie_token_emb", "ignore_index", "pad_value"}
             | {f"enc_{k}" for k in enc_valid}
@@ -163,10 +155,13 @@ class XTransformer(nn.Module, metaclass=ConfiguredMeta):
         encoded: Array,
         *,
         mask: Array | None = None,
+        tgt_mask: Array | None = None,
         deterministic: bool = True,
     ) -> Array:
-        """Decoder logits ``[B, T, V]`` given the encoder output."""
-        return self.decoder(tgt, context=encoded, context_mask=mask, deterministic=deterministic)
+        """Decoder logits ``[B, T, V]`` given the encoder output (``mask`` is over src)."""
+        return self.decoder(
+            tgt, mask=tgt_mask, context=encoded, context_mask=mask, deterministic=deterministic
+        )
 
     def __call__(
         self,
@@ -175,16 +170,39 @@ class XTransformer(nn.Module, metaclass=ConfiguredMeta):
         *,
         mask: Array | None = None,
         attn_mask: Array | None = None,
+        src_mask: Array | None = None,
+        tgt_mask: Array | None = None,
         deterministic: bool = True,
     ) -> Array:
         """Next-token cross-entropy of ``tgt`` given ``src``.
 
-        Target tokens equal to ``ignore_index`` do not count and are fed to the decoder
-        as ``pad_value``.
+        Args:
+          src: ``[B, S]`` source tokens.
+          tgt: ``[B, T]`` target tokens; those equal to ``ignore_index`` do not count and
+            are fed to the decoder as ``pad_value``.
+          mask: ``[B, S]`` source padding mask (x-transformers 2.x name).
+          attn_mask: extra encoder self-attention mask.
+          src_mask: the seed README's name for ``mask``.
+          tgt_mask: ``[B, T]`` target padding mask (seed README); padded targets are
+            neither attended to nor counted in the loss.
+          deterministic: disable dropout.
         """
         cfg = self.config
+        if src_mask is not None:
+            if mask is not None:
+                raise ValueError("pass the source mask once: mask= or src_mask=, not both")
+            mask = src_mask
         encoded = self.encode(src, mask=mask, attn_mask=attn_mask, deterministic=deterministic)
         tgt = jnp.asarray(tgt)
+        if tgt_mask is not None:
+            tgt_mask = jnp.asarray(tgt_mask, bool)
+            if tgt_mask.shape != tgt.shape:
+                raise ValueError(
+                    f"tgt_mask must have the shape of tgt {tgt.shape}, got {tgt_mask.shape}"
+                )
+            tgt = jnp.where(tgt_mask, tgt, cfg.ignore_index)
         inp = jnp.where(tgt == cfg.ignore_index, cfg.pad_value, tgt)
-        logits = self.decode(inp, encoded, mask=mask, deterministic=deterministic)
+        logits = self.decode(
+            inp, encoded, mask=mask, tgt_mask=tgt_mask, deterministic=deterministic
+        )
         return autoregressive_loss(logits, tgt, ignore_index=cfg.ignore_index)

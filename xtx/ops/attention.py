@@ -60,9 +60,7 @@ def _check_shapes(q: Array, k: Array, v: Array) -> None:
     if k.shape[:3] != v.shape[:3]:
         raise ValueError(f"k and v must agree on [B, S, K]; got k {k.shape}, v {v.shape}")
     if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
-        raise ValueError(
-            f"q and k must agree on batch and head dim; got q {q.shape}, k {k.shape}"
-        )
+        raise ValueError(f"q and k must agree on batch and head dim; got q {q.shape}, k {k.shape}")
     if q.shape[2] % k.shape[2]:
         raise ValueError(
             f"query heads ({q.shape[2]}) must be a multiple of key/value heads ({k.shape[2]})"

@@ -28,8 +28,6 @@ def cross_entropy(logits: Array, targets: Array, *, ignore_index: int | None = -
     return nll.sum() / jnp.maximum(valid.sum(), 1)
 
 
-def autoregressive_loss(
-    logits: Array, tokens: Array, *, ignore_index: int | None = -100
-) -> Array:
+def autoregressive_loss(logits: Array, tokens: Array, *, ignore_index: int | None = -100) -> Array:
     """Next-token loss: ``logits[:, :-1]`` predict ``tokens[:, 1:]``."""
     return cross_entropy(logits[:, :-1], tokens[:, 1:], ignore_index=ignore_index)

@@ -1,0 +1,267 @@
+"""The weight layout table shared by both conversion directions.
+
+One row per weight: (xtx parameter path, torch state_dict key, layout), built from
+the xtx config. ``params_from_state_dict`` and ``state_dict_from_params`` both walk it,
+so the two directions cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from xtx.layers.transformer import AttentionLayersConfig
+from xtx.models.continuous import ContinuousConfig
+from xtx.models.transformer_wrapper import TransformerWrapperConfig
+from xtx.models.vit import ViTConfig
+from xtx.models.xtransformer import XTransformerConfig
+from xtx.ops import rotary_inv_freq
+
+
+class UnsupportedOption(ValueError):
+    """An x-transformers option that xtx cannot convert (yet)."""
+
+
+def _fail(option: str, detail: str = "") -> UnsupportedOption:
+    more = f" ({detail})" if detail else ""
+    return UnsupportedOption(
+        f"x-transformers option {option} is not supported by xtx.interop yet{more}"
+    )
+
+
+# ---------------------------------------------------------------------------
+# Weight layouts: (to xtx, to torch) pairs of numpy functions.
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    to_xtx: Callable[[np.ndarray], np.ndarray]
+    to_torch: Callable[[np.ndarray], np.ndarray]
+
+
+SAME = Layout(lambda w: w, lambda w: w)
+LINEAR = Layout(lambda w: w.T, lambda w: w.T)  # [out, in] <-> [in, out]
+
+
+def heads_in(heads: int, dim_head: int) -> Layout:
+    """``[N*H, D]`` <-> ``[D, N, H]`` (q/k/v projections)."""
+    return Layout(
+        lambda w: w.T.reshape(w.shape[1], heads, dim_head),
+        lambda w: w.reshape(w.shape[0], heads * dim_head).T,
+    )
+
+
+def heads_out(heads: int, dim_head: int) -> Layout:
+    """``[D, N*H]`` <-> ``[N, H, D]`` (output projection)."""
+    return Layout(
+        lambda w: w.T.reshape(heads, dim_head, w.shape[0]),
+        lambda w: w.reshape(heads * dim_head, w.shape[-1]).T,
+    )
+
+
+def squeeze_lead(w_shape_lead: int) -> Layout:
+    """``[1, N, D]`` <-> ``[N, D]`` (ViT positions)."""
+    return Layout(lambda w: w[0], lambda w: w[None])
+
+
+Row = tuple[tuple[str, ...], str, Layout]
+
+
+def _norm_rows(cfg_kind: str, path: tuple[str, ...], key: str, *, lead: str = "") -> list[Row]:
+    if cfg_kind == "simple_rmsnorm":
+        return []
+    name = "gamma" if cfg_kind == "layernorm" else "g"
+    return [((*path, "scale"), f"{key}.{name}", SAME)]
+
+
+def _stack_rows(cfg: AttentionLayersConfig, path: tuple[str, ...], prefix: str) -> list[Row]:
+    rows: list[Row] = []
+    kind = cfg.norm_kind
+    for i, t in enumerate(cfg.layer_types):
+        lp, lk = (*path, f"layers_{i}"), f"{prefix}layers.{i}"
+        if cfg.pre_norm:
+            rows += _norm_rows(kind, (*lp, "pre_norm"), f"{lk}.0.0")
+        if cfg.sandwich_norm:
+            rows += _norm_rows(kind, (*lp, "sandwich_norm"), f"{lk}.0.1")
+        if not cfg.pre_norm:
+            rows += _norm_rows(kind, (*lp, "post_norm"), f"{lk}.0.2")
+        if t in ("a", "c"):
+            acfg = cfg.attn if t == "a" else cfg.cross_attn_config
+            N, H, K = cfg.heads, acfg.dim_head, acfg.num_kv_heads(cfg.heads)
+            ap, ak = (*lp, "attn"), f"{lk}.1"
+            rows += [
+                ((*ap, "to_q", "kernel"), f"{ak}.to_q.weight", heads_in(N, H)),
+                ((*ap, "to_k", "kernel"), f"{ak}.to_k.weight", heads_in(K, H)),
+                ((*ap, "to_v", "kernel"), f"{ak}.to_v.weight", heads_in(K, H)),
+                ((*ap, "to_out", "kernel"), f"{ak}.to_out.weight", heads_out(N, H)),
+            ]
+            if acfg.num_mem_kv:
+                rows += [
+                    ((*ap, "mem_k"), f"{ak}.mem_k", SAME),
+                    ((*ap, "mem_v"), f"{ak}.mem_v", SAME),
+                ]
+        else:
+            fp = (*lp, "ff")
+            fk = f"{lk}.1.fn.ff" if cfg.macaron else f"{lk}.1.ff"
+            fcfg = cfg.ff
+            if fcfg.glu:
+                rows += [
+                    ((*fp, "proj_in", "kernel"), f"{fk}.0.proj.weight", LINEAR),
+                    ((*fp, "proj_in", "bias"), f"{fk}.0.proj.bias", SAME),
+                ]
+            else:
+                rows.append(((*fp, "proj_in", "kernel"), f"{fk}.0.0.weight", LINEAR))
+                if not fcfg.no_bias:
+                    rows.append(((*fp, "proj_in", "bias"), f"{fk}.0.0.bias", SAME))
+            rows.append(((*fp, "proj_out", "kernel"), f"{fk}.2.weight", LINEAR))
+            if not fcfg.no_bias:
+                rows.append(((*fp, "proj_out", "bias"), f"{fk}.2.bias", SAME))
+    if cfg.pre_norm:
+        rows += _norm_rows(kind, (*path, "final_norm"), f"{prefix}final_norm")
+    if cfg.rel_pos_bias:
+        rows.append(((*path, "rel_pos"), f"{prefix}rel_pos.relative_attention_bias.weight", SAME))
+    return rows
+
+
+def _wrapper_rows(
+    cfg: TransformerWrapperConfig, path: tuple[str, ...], prefix: str, *, token_path=None
+) -> list[Row]:
+    rows: list[Row] = [
+        (token_path or (*path, "token_emb", "embedding"), f"{prefix}token_emb.emb.weight", SAME)
+    ]
+    if cfg.has_abs_pos_emb:
+        if cfg.scaled_sinu_pos_emb:
+            rows.append(((*path, "pos_emb_scale"), f"{prefix}pos_emb.scale", SAME))
+        else:
+            rows.append(((*path, "pos_emb"), f"{prefix}pos_emb.emb.weight", SAME))
+    if cfg.post_emb_norm:
+        rows.append(((*path, "post_emb_norm", "scale"), f"{prefix}post_emb_norm.gamma", SAME))
+    if cfg.embed_dim != cfg.dim:
+        rows += [
+            ((*path, "project_emb", "kernel"), f"{prefix}project_emb.weight", LINEAR),
+            ((*path, "project_emb", "bias"), f"{prefix}project_emb.bias", SAME),
+        ]
+    if cfg.memory_token_count:
+        rows.append(((*path, "memory_tokens"), f"{prefix}memory_tokens", SAME))
+    rows += _stack_rows(cfg.attn_layers, (*path, "attn_layers"), f"{prefix}attn_layers.")
+    if not cfg.return_only_embed and not cfg.tie_embedding:
+        rows.append(((*path, "to_logits", "kernel"), f"{prefix}to_logits.weight", LINEAR))
+    return rows
+
+
+def _rows(config: Any) -> list[Row]:
+    if isinstance(config, TransformerWrapperConfig):
+        return _wrapper_rows(config, (), "")
+    if isinstance(config, XTransformerConfig):
+        shared = ("shared_token_emb", "embedding") if config.tie_token_emb else None
+        return _wrapper_rows(config.enc, ("encoder",), "encoder.", token_path=shared) + (
+            _wrapper_rows(config.dec, ("decoder",), "decoder.net.", token_path=shared)
+        )
+    if isinstance(config, ViTConfig):
+        rows: list[Row] = [
+            (("pos_embedding",), "pos_embedding", squeeze_lead(1)),
+            (("patch_norm_in", "scale"), "patch_to_embedding.0.gamma", SAME),
+            (("patch_proj", "kernel"), "patch_to_embedding.1.weight", LINEAR),
+            (("patch_proj", "bias"), "patch_to_embedding.1.bias", SAME),
+            (("patch_norm_out", "scale"), "patch_to_embedding.2.gamma", SAME),
+        ]
+        if config.post_emb_norm:
+            rows.append((("post_emb_norm", "scale"), "post_emb_norm.gamma", SAME))
+        if config.num_register_tokens:
+            rows.append((("register_tokens",), "register_tokens", SAME))
+        rows += _stack_rows(config.attn_layers, ("attn_layers",), "attn_layers.")
+        if config.num_classes is not None:
+            rows += [
+                (("mlp_head", "kernel"), "mlp_head.weight", LINEAR),
+                (("mlp_head", "bias"), "mlp_head.bias", SAME),
+            ]
+        return rows
+    if isinstance(config, ContinuousConfig):
+        rows = []
+        if config.has_abs_pos_emb:
+            if config.scaled_sinu_pos_emb:
+                rows.append((("pos_emb_scale",), "pos_emb.scale", SAME))
+            else:
+                rows.append((("pos_emb",), "pos_emb.emb.weight", SAME))
+        if config.post_emb_norm:
+            rows.append((("post_emb_norm", "scale"), "post_emb_norm.gamma", SAME))
+        if config.num_memory_tokens:
+            rows.append((("memory_tokens",), "memory_tokens", SAME))
+        if config.has_project_in:
+            rows.append((("project_in", "kernel"), "project_in.weight", LINEAR))
+        rows += _stack_rows(config.attn_layers, ("attn_layers",), "attn_layers.")
+        if config.has_project_out:
+            rows.append((("project_out", "kernel"), "project_out.weight", LINEAR))
+        return rows
+    raise TypeError(f"no x-transformers layout for {type(config).__name__}")
+
+
+def _buffers(config: Any) -> dict[str, np.ndarray]:
+    """Persistent torch buffers that a strict ``load_state_dict`` expects."""
+    stacks: list[tuple[str, AttentionLayersConfig]] = []
+    if isinstance(config, TransformerWrapperConfig):
+        stacks = [("attn_layers.", config.attn_layers)]
+    elif isinstance(config, XTransformerConfig):
+        stacks = [
+            ("encoder.attn_layers.", config.enc.attn_layers),
+            ("decoder.net.attn_layers.", config.dec.attn_layers),
+        ]
+    elif isinstance(config, ViTConfig | ContinuousConfig):
+        stacks = [("attn_layers.", config.attn_layers)]
+    out = {}
+    for prefix, s in stacks:
+        if s.rotary_pos_emb:
+            inv = rotary_inv_freq(s.rotary_dim, base_rescale_factor=s.rotary_base_rescale_factor)
+            out[f"{prefix}rotary_pos_emb.inv_freq"] = np.asarray(inv, np.float32)
+    return out
+
+
+def params_from_state_dict(config: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """xtx ``params`` (a nested dict of float32 jax arrays) from a torch state_dict."""
+    arrays = {k: _to_numpy(v) for k, v in state_dict.items()}
+    flat: dict[tuple[str, ...], Any] = {}
+    used = set()
+    for path, key, layout in _rows(config):
+        if key not in arrays:
+            raise KeyError(f"the state_dict has no {key!r}, which {type(config).__name__} needs")
+        flat[path] = jnp.asarray(layout.to_xtx(arrays[key]), jnp.float32)
+        used.add(key)
+    buffers = _buffers(config)
+    for key, value in buffers.items():
+        if key in arrays and not np.allclose(arrays[key], value, rtol=1e-5):
+            raise _fail(f"buffer {key} differs from the one xtx computes")
+        used.add(key)
+    # Tied XTransformer embeddings appear under two keys holding one tensor.
+    leftover = sorted(set(arrays) - used)
+    if leftover:
+        raise _fail(f"weights {leftover[:5]}{'...' if len(leftover) > 5 else ''}")
+    return traverse_util.unflatten_dict(flat)
+
+
+def state_dict_from_params(config: Any, params: Any) -> dict[str, Any]:
+    """A torch state_dict (``torch.Tensor`` values) from xtx ``params``."""
+    import torch
+
+    flat = traverse_util.flatten_dict(nn.meta.unbox(params))
+    out = {}
+    for path, key, layout in _rows(config):
+        if path not in flat:
+            raise KeyError(f"params have no {'/'.join(path)}, which {key!r} needs")
+        value = np.asarray(jax.device_get(flat[path]), np.float32)
+        out[key] = torch.from_numpy(np.array(layout.to_torch(value), np.float32, copy=True))
+    for key, value in _buffers(config).items():
+        out[key] = torch.from_numpy(np.array(value, copy=True))
+    return out
+
+
+def _to_numpy(t: Any) -> np.ndarray:
+    if hasattr(t, "detach"):
+        return t.detach().to(dtype=__import__("torch").float32).cpu().numpy()
+    return np.asarray(t, np.float32)
