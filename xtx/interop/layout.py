@@ -138,9 +138,9 @@ def _wrapper_rows(
     ]
     if cfg.has_abs_pos_emb:
         if cfg.scaled_sinu_pos_emb:
-            rows.append(((*path, "pos_emb_scale"), f"{prefix}pos_emb.scale", SAME))
+            rows.append(((*path, "pos_emb", "scale"), f"{prefix}pos_emb.scale", SAME))
         else:
-            rows.append(((*path, "pos_emb"), f"{prefix}pos_emb.emb.weight", SAME))
+            rows.append(((*path, "pos_emb", "embedding"), f"{prefix}pos_emb.emb.weight", SAME))
     if cfg.post_emb_norm:
         rows.append(((*path, "post_emb_norm", "scale"), f"{prefix}post_emb_norm.gamma", SAME))
     if cfg.embed_dim != cfg.dim:
@@ -187,9 +187,9 @@ def _rows(config: Any) -> list[Row]:
         rows = []
         if config.has_abs_pos_emb:
             if config.scaled_sinu_pos_emb:
-                rows.append((("pos_emb_scale",), "pos_emb.scale", SAME))
+                rows.append((("pos_emb", "scale"), "pos_emb.scale", SAME))
             else:
-                rows.append((("pos_emb",), "pos_emb.emb.weight", SAME))
+                rows.append((("pos_emb", "embedding"), "pos_emb.emb.weight", SAME))
         if config.post_emb_norm:
             rows.append((("post_emb_norm", "scale"), "post_emb_norm.gamma", SAME))
         if config.num_memory_tokens:

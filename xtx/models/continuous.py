@@ -19,12 +19,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from xtx.config import Config, field_names, unknown_keyword_error
+from xtx.config import Config
 from xtx.layers.base import EMBED, ConfiguredMeta, Projection, dropout
+from xtx.layers.embedding import PositionalEmbedding
 from xtx.layers.norms import Norm
 from xtx.layers.transformer import AttentionLayers, AttentionLayersConfig
-from xtx.models.transformer_wrapper import stack_config
-from xtx.ops import sinusoidal_embedding
+from xtx.models.transformer_wrapper import wrapper_config
 
 Array = jax.Array
 
@@ -86,14 +86,7 @@ class ContinuousTransformerWrapper(nn.Module, metaclass=ConfiguredMeta):
 
     @classmethod
     def config_from_kwargs(cls, **kwargs: Any) -> ContinuousConfig:
-        names = field_names(ContinuousConfig)
-        for key in kwargs:
-            if key not in names:
-                raise unknown_keyword_error("ContinuousTransformerWrapper", key, names)
-        if "attn_layers" not in kwargs:
-            raise TypeError("ContinuousTransformerWrapper needs attn_layers=Encoder/Decoder(...)")
-        kwargs["attn_layers"] = stack_config(kwargs["attn_layers"])
-        return ContinuousConfig(**kwargs)
+        return wrapper_config(ContinuousConfig, "ContinuousTransformerWrapper", kwargs)
 
     @nn.compact
     def __call__(
@@ -126,19 +119,10 @@ class ContinuousTransformerWrapper(nn.Module, metaclass=ConfiguredMeta):
         if cfg.has_project_in:
             x = Projection((dim,), (cfg.dim_in,), (None, EMBED), name="project_in")(x)
         if cfg.has_abs_pos_emb:
-            if T > cfg.max_seq_len:
-                raise ValueError(f"sequence length {T} exceeds max_seq_len={cfg.max_seq_len}")
-            if cfg.scaled_sinu_pos_emb:
-                scale = self.param("pos_emb_scale", nn.initializers.constant(dim**-0.5), (1,))
-                pos = sinusoidal_embedding(jnp.arange(T), dim) * scale
-            else:
-                table = self.param(
-                    "pos_emb",
-                    nn.with_logical_partitioning(nn.initializers.normal(1.0), (None, EMBED)),
-                    (cfg.max_seq_len, dim),
-                )
-                pos = table[:T] * dim**-0.5
-            x = x + pos.astype(x.dtype)
+            pos_emb = PositionalEmbedding(
+                cfg.max_seq_len, dim, scaled_sinusoidal=cfg.scaled_sinu_pos_emb, name="pos_emb"
+            )
+            x = x + pos_emb(T).astype(x.dtype)
         if cfg.post_emb_norm:
             x = Norm("layernorm", name="post_emb_norm")(x)
         M = cfg.num_memory_tokens or 0

@@ -22,12 +22,24 @@ import jax.numpy as jnp
 
 from xtx.config import Config, field_names, unknown_keyword_error
 from xtx.layers.base import EMBED, VOCAB, ConfiguredMeta, Projection, dropout
-from xtx.layers.embedding import TokenEmbedding
+from xtx.layers.embedding import PositionalEmbedding, TokenEmbedding
 from xtx.layers.norms import Norm
 from xtx.layers.transformer import AttentionLayers, AttentionLayersConfig
-from xtx.ops import l2_normalize, sinusoidal_embedding
+from xtx.ops import l2_normalize
 
 Array = jax.Array
+
+
+def wrapper_config(config_cls: type, owner: str, kwargs: dict[str, Any]) -> Any:
+    """Builds a wrapper config from keywords: unknown ones are named, ``attn_layers`` is
+    required and may be a module (``Decoder(...)``), a config or a dict."""
+    names = field_names(config_cls)
+    for key in kwargs:
+        if key not in names:
+            raise unknown_keyword_error(owner, key, names)
+    if "attn_layers" not in kwargs:
+        raise TypeError(f"{owner} needs attn_layers=Encoder(...) or Decoder(...)")
+    return config_cls(**{**kwargs, "attn_layers": stack_config(kwargs["attn_layers"])})
 
 
 def stack_config(attn_layers: Any) -> AttentionLayersConfig:
@@ -83,14 +95,7 @@ class TransformerWrapperConfig(Config):
 
     @classmethod
     def from_flat(cls, **kwargs: Any) -> TransformerWrapperConfig:
-        names = field_names(cls)
-        for key in kwargs:
-            if key not in names:
-                raise unknown_keyword_error("TransformerWrapper", key, names)
-        if "attn_layers" not in kwargs:
-            raise TypeError("TransformerWrapper needs attn_layers=Decoder(...) or Encoder(...)")
-        kwargs["attn_layers"] = stack_config(kwargs["attn_layers"])
-        return cls(**kwargs)
+        return wrapper_config(cls, "TransformerWrapper", kwargs)
 
     @property
     def dim(self) -> int:
@@ -136,16 +141,12 @@ class TransformerWrapper(nn.Module, metaclass=ConfiguredMeta):
         else:
             std = 1e-5 if cfg.l2norm_embed else None
             self.token_emb = TokenEmbedding(cfg.num_tokens, E, std=std)
-        if cfg.has_abs_pos_emb and cfg.scaled_sinu_pos_emb:
-            self.pos_emb_scale = self.param(
-                "pos_emb_scale", nn.initializers.constant(E**-0.5), (1,)
-            )
-        elif cfg.has_abs_pos_emb:
-            std = 1e-5 if cfg.l2norm_embed else 1.0
-            self.pos_emb = self.param(
-                "pos_emb",
-                nn.with_logical_partitioning(nn.initializers.normal(std), (None, EMBED)),
-                (cfg.max_seq_len, E),
+        if cfg.has_abs_pos_emb:
+            self.pos_emb = PositionalEmbedding(
+                cfg.max_seq_len,
+                E,
+                scaled_sinusoidal=cfg.scaled_sinu_pos_emb,
+                l2norm=cfg.l2norm_embed,
             )
         if cfg.post_emb_norm:
             self.post_emb_norm = Norm("layernorm", name="post_emb_norm")
@@ -172,17 +173,7 @@ class TransformerWrapper(nn.Module, metaclass=ConfiguredMeta):
             tok = l2_normalize(tok)
         h = tok
         if cfg.has_abs_pos_emb:
-            if T > cfg.max_seq_len:
-                raise ValueError(
-                    f"sequence length {T} exceeds max_seq_len={cfg.max_seq_len} of the "
-                    "absolute positional embedding"
-                )
-            if cfg.scaled_sinu_pos_emb:
-                pos = sinusoidal_embedding(jnp.arange(T), cfg.embed_dim) * self.pos_emb_scale
-            else:
-                pos = self.pos_emb[:T]
-                pos = l2_normalize(pos) if cfg.l2norm_embed else pos * cfg.embed_dim**-0.5
-            h = h + pos.astype(h.dtype)
+            h = h + self.pos_emb(T).astype(h.dtype)
         if cfg.post_emb_norm:
             h = self.post_emb_norm(h)
         h = dropout(self, h, cfg.emb_dropout, deterministic)

@@ -18,11 +18,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from xtx.config import Config, field_names, unknown_keyword_error
+from xtx.config import Config
 from xtx.layers.base import EMBED, ConfiguredMeta, Projection, dropout
 from xtx.layers.norms import Norm
 from xtx.layers.transformer import AttentionLayers, AttentionLayersConfig
-from xtx.models.transformer_wrapper import stack_config
+from xtx.models.transformer_wrapper import wrapper_config
 
 Array = jax.Array
 
@@ -77,14 +77,7 @@ class ViTransformerWrapper(nn.Module, metaclass=ConfiguredMeta):
 
     @classmethod
     def config_from_kwargs(cls, **kwargs: Any) -> ViTConfig:
-        names = field_names(ViTConfig)
-        for key in kwargs:
-            if key not in names:
-                raise unknown_keyword_error("ViTransformerWrapper", key, names)
-        if "attn_layers" not in kwargs:
-            raise TypeError("ViTransformerWrapper needs attn_layers=Encoder(...)")
-        kwargs["attn_layers"] = stack_config(kwargs["attn_layers"])
-        return ViTConfig(**kwargs)
+        return wrapper_config(ViTConfig, "ViTransformerWrapper", kwargs)
 
     @nn.compact
     def __call__(
