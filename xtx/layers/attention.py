@@ -13,16 +13,37 @@ shape ``[K, M, H]``) so that ``xtx.interop`` converts weights one to one.
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from xtx.config import Config
+from xtx.config import Config, check_not_yet
 from xtx.layers.base import EMBED, HEAD_DIM, HEADS, KV_HEADS, Projection
 from xtx.ops import AttentionMask, apply_rotary, attention, pad_keys
 
 Array = jax.Array
+
+
+# Declared options whose implementation has not landed yet: setting one raises.
+PENDING_ATTENTION = {
+    "sparse_topk": None,
+    "sparse_topk_straight_through": False,
+    "pre_talking_heads": False,
+    "post_talking_heads": False,
+    "talking_heads": False,
+    "hard": False,
+    "softclamp_logits": False,
+    "use_entmax15": False,
+    "on_attn": False,
+    "gate_values": False,
+    "head_scale": False,
+    "qk_norm": False,
+    "qk_norm_dim_scale": False,
+    "qk_rmsnorm": False,
+    "collab_heads": False,
+}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -49,8 +70,30 @@ class AttentionConfig(Config):
     dim_context: int | None = None
     flash: bool = False
     implementation: str = "auto"
+    # Logits-side features (x-transformers keywords without the attn_ prefix).
+    sparse_topk: int | None = None
+    sparse_topk_straight_through: bool = False
+    pre_talking_heads: bool = False
+    post_talking_heads: bool = False
+    talking_heads: bool = False
+    hard: bool = False
+    softclamp_logits: bool = False
+    logit_softclamp_value: float = 50.0
+    use_entmax15: bool = False
+    # Projection-side features.
+    on_attn: bool = False
+    gate_values: bool = False
+    head_scale: bool = False
+    qk_norm: bool = False
+    qk_norm_groups: int = 1
+    qk_norm_scale: float = 10.0
+    qk_norm_dim_scale: bool = False
+    qk_rmsnorm: bool = False
+    collab_heads: bool = False
+    collab_compression: float = 0.3
 
     def __post_init__(self):
+        check_not_yet(self, PENDING_ATTENTION, prefix="attn_")
         if self.dim_head <= 0:
             raise ValueError(f"attn_dim_head must be a positive int, got {self.dim_head}")
         if self.kv_heads is not None and self.kv_heads <= 0:
@@ -84,6 +127,19 @@ class RotarySettings(Config):
     interleaved: bool = True
 
 
+class AttentionIntermediates(NamedTuple):
+    """What one attention layer hands to later layers.
+
+    Attributes:
+      logits: pre-softmax logits ``[B, N, T, S]`` after biases and masks, when the stack
+        uses residual attention; otherwise None.
+      values: the layer's values ``[B, S, K, H]`` (before memory key/values).
+    """
+
+    logits: Array | None
+    values: Array
+
+
 class Attention(nn.Module):
     """Self- or cross-attention.
 
@@ -115,8 +171,10 @@ class Attention(nn.Module):
         mem: Array | None = None,
         rotary_pos: Array | None = None,
         bias: Array | None = None,
+        prev_attn: Array | None = None,
+        value_residual: Array | None = None,
         deterministic: bool = True,
-    ) -> Array:
+    ) -> tuple[Array, AttentionIntermediates]:
         """Attends from x to itself (or to ``context``).
 
         Args:
@@ -129,11 +187,17 @@ class Attention(nn.Module):
           mem: ``[B, M, D]`` normalised XL memory prepended to the keys and values.
           rotary_pos: key positions ``[S]`` (queries take the last T) for rotary.
           bias: additive logits bias ``[.., N, T, S]`` over the non-memory keys.
+          prev_attn: pre-softmax logits ``[B, N, T, S]`` of the previous layer (residual
+            attention, 2012.11747).
+          value_residual: values ``[B, S, K, H]`` of the first layer (value residual
+            learning, 2410.17897).
           deterministic: disable dropout.
 
         Returns:
-          ``[B, T, D]``.
+          ``([B, T, D], AttentionIntermediates)``.
         """
+        if prev_attn is not None or value_residual is not None:
+            raise NotImplementedError("residual attention and value residuals are not in yet")
         cfg = self.config
         N, H = self.heads, cfg.dim_head
         K = cfg.num_kv_heads(N)
@@ -153,6 +217,7 @@ class Attention(nn.Module):
         q = Projection((N, H), (D,), (EMBED, HEADS, HEAD_DIM), name="to_q")(x)  # [B, T, N, H]
         k = Projection((K, H), (dim_kv,), (EMBED, KV_HEADS, HEAD_DIM), name="to_k")(kv_input)
         v = Projection((K, H), (dim_kv,), (EMBED, KV_HEADS, HEAD_DIM), name="to_v")(kv_input)
+        values = v  # [B, S, K, H], before memory key/values: the value residual source
 
         if self.rotary is not None and rotary_pos is not None:
             r = self.rotary
@@ -211,4 +276,4 @@ class Attention(nn.Module):
         out = Projection((D,), (N, H), (HEADS, HEAD_DIM, EMBED), name="to_out")(out)
         if query_mask is not None:
             out = jnp.where(query_mask[..., None], out, jnp.zeros((), out.dtype))
-        return out
+        return out, AttentionIntermediates(logits=None, values=values)

@@ -15,7 +15,7 @@ import dataclasses
 import flax.linen as nn
 import jax
 
-from xtx.config import Config
+from xtx.config import Config, check_not_yet
 from xtx.layers.base import EMBED, MLP, Projection, dropout
 
 Array = jax.Array
@@ -40,8 +40,10 @@ class FeedForwardConfig(Config):
     relu_squared: bool = False
     no_bias: bool = False
     dropout: float = 0.0
+    post_act_ln: bool = False
 
     def __post_init__(self):
+        check_not_yet(self, {"post_act_ln": False}, prefix="ff_")
         if self.mult <= 0:
             raise ValueError(f"ff_mult must be > 0, got {self.mult}")
         if self.swish and self.relu_squared:

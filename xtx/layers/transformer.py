@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from xtx.config import Config, field_names, split_prefixed, unknown_keyword_error
+from xtx.config import Config, check_not_yet, field_names, split_prefixed, unknown_keyword_error
 from xtx.layers.attention import Attention, AttentionConfig, RotarySettings
 from xtx.layers.base import HEADS, ConfiguredMeta
 from xtx.layers.feedforward import FeedForward, FeedForwardConfig
@@ -33,6 +33,24 @@ from xtx.ops import alibi_bias, alibi_slopes, t5_position_bias
 Array = jax.Array
 
 LAYER_TYPES = ("a", "c", "f")
+
+# Declared options whose implementation has not landed yet: setting one raises.
+PENDING_STACK = {
+    "rotary_xpos": False,
+    "dynamic_pos_bias": False,
+    "position_infused_attn": False,
+    "residual_attn": False,
+    "cross_residual_attn": False,
+    "add_value_residual": False,
+    "gate_residual": False,
+    "use_rezero": False,
+    "scale_residual": False,
+    "use_layerscale": False,
+    "shift_tokens": 0,
+    "weight_tie_layers": False,
+    "layers_execute_order": None,
+    "num_residual_streams": 1,
+}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -69,11 +87,31 @@ class AttentionLayersConfig(Config):
     alibi_num_heads: int | None = None
     layer_dropout: float = 0.0
     disable_abs_pos_emb: bool | None = None
+    rotary_xpos: bool = False
+    rotary_xpos_scale_base: int = 512
+    dynamic_pos_bias: bool = False
+    dynamic_pos_bias_log_distance: bool = False
+    dynamic_pos_bias_mlp_depth: int = 2
+    dynamic_pos_bias_norm: bool = False
+    position_infused_attn: bool = False
+    residual_attn: bool = False
+    cross_residual_attn: bool = False
+    add_value_residual: bool = False
+    gate_residual: bool = False
+    use_rezero: bool = False
+    scale_residual: bool = False
+    use_layerscale: bool = False
+    layerscale_init_value: float = 0.0
+    shift_tokens: int | tuple[int, ...] = 0
+    weight_tie_layers: bool = False
+    layers_execute_order: tuple[int, ...] | None = None
+    num_residual_streams: int = 1
     attn: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
     cross_attn: AttentionConfig | None = None
     ff: FeedForwardConfig = dataclasses.field(default_factory=FeedForwardConfig)
 
     def __post_init__(self):
+        check_not_yet(self, PENDING_STACK)
         if not isinstance(self.dim, int) or self.dim <= 0:
             raise ValueError(f"dim must be a positive int, got {self.dim!r}")
         if self.heads <= 0:
@@ -198,20 +236,26 @@ class AttentionLayersConfig(Config):
 
 
 class Sublayer(nn.Module):
-    """One residual step of the stack: norms around an attention or feedforward branch."""
+    """One residual step of the stack: norms around an attention or feedforward branch.
+
+    ``carry`` holds what flows between sublayers besides the hidden state (residual
+    attention logits, first-layer values); the sublayer returns it updated.
+    """
 
     config: AttentionLayersConfig
     layer_type: str
 
     @nn.compact
-    def __call__(self, x, *, context, masks, mem, rotary_pos, bias, deterministic):
+    def __call__(self, x, carry, *, context, masks, mem, rotary_pos, bias, deterministic):
         cfg = self.config
         norm = lambda name: Norm(cfg.norm_kind, unit_offset=cfg.norm_add_unit_offset, name=name)  # noqa: E731
         residual = x
         if cfg.pre_norm:
-            x = norm("pre_norm")(x)
+            pre_norm = norm("pre_norm")
+            x = pre_norm(x)
             if mem is not None:
-                mem = norm("pre_norm")(mem)
+                # XL memories go through the consuming layer's own pre-norm.
+                mem = pre_norm(mem)
         if self.layer_type == "f":
             out = FeedForward(cfg.ff, cfg.dim, name="ff")(x, deterministic=deterministic)
             if cfg.macaron:
@@ -224,7 +268,7 @@ class Sublayer(nn.Module):
                     interpolation_factor=cfg.rotary_interpolation_factor,
                     base_rescale_factor=cfg.rotary_base_rescale_factor,
                 )
-            out = Attention(
+            out, inter = Attention(
                 cfg.attn, cfg.dim, cfg.heads, causal=cfg.causal, rotary=rotary, name="attn"
             )(
                 x,
@@ -234,22 +278,34 @@ class Sublayer(nn.Module):
                 mem=mem,
                 rotary_pos=rotary_pos,
                 bias=bias,
+                prev_attn=carry["prev_attn"] if cfg.residual_attn else None,
+                value_residual=carry["values"] if cfg.add_value_residual else None,
                 deterministic=deterministic,
             )
+            carry = dict(carry, prev_attn=inter.logits)
+            if carry["values"] is None:
+                carry["values"] = inter.values
         else:
-            out = Attention(cfg.cross_attn_config, cfg.dim, cfg.heads, is_cross=True, name="attn")(
+            out, inter = Attention(
+                cfg.cross_attn_config, cfg.dim, cfg.heads, is_cross=True, name="attn"
+            )(
                 x,
                 context,
                 key_mask=masks["context"],
                 query_mask=masks["query"],
+                prev_attn=carry["prev_cross_attn"] if cfg.cross_residual_attn else None,
+                value_residual=carry["cross_values"] if cfg.add_value_residual else None,
                 deterministic=deterministic,
             )
+            carry = dict(carry, prev_cross_attn=inter.logits)
+            if carry["cross_values"] is None:
+                carry["cross_values"] = inter.values
         if cfg.sandwich_norm:
             out = norm("sandwich_norm")(out)
         x = out + residual
         if not cfg.pre_norm:
             x = norm("post_norm")(x)
-        return x
+        return x, carry
 
 
 class AttentionLayers(nn.Module, metaclass=ConfiguredMeta):
@@ -367,14 +423,16 @@ class AttentionLayers(nn.Module, metaclass=ConfiguredMeta):
 
         hiddens = []
         mem_iter = iter(mems or ())
+        carry = {"prev_attn": None, "prev_cross_attn": None, "values": None, "cross_values": None}
         for i, layer_type in enumerate(layer_types):
             layer = Sublayer(cfg, layer_type, name=f"layers_{i}")
             mem = None
             if layer_type == "a":
                 hiddens.append(x)
                 mem = next(mem_iter) if mems else None
-            run = lambda x, layer=layer, mem=mem: layer(  # noqa: E731
+            new_x, new_carry = layer(
                 x,
+                carry,
                 context=context,
                 masks=masks,
                 mem=mem,
@@ -383,10 +441,15 @@ class AttentionLayers(nn.Module, metaclass=ConfiguredMeta):
                 deterministic=deterministic,
             )
             if cfg.layer_dropout > 0.0 and not deterministic:
+                # Stochastic depth: a dropped sublayer leaves the hidden state (and what it
+                # would have handed to later sublayers) as it was.
                 skip = jax.random.bernoulli(self.make_rng("dropout"), cfg.layer_dropout)
-                x = jnp.where(skip, x, run(x))
-            else:
-                x = run(x)
+                new_x = jnp.where(skip, x, new_x)
+                new_carry = {
+                    k: v if carry[k] is None else jnp.where(skip, carry[k], v)
+                    for k, v in new_carry.items()
+                }
+            x, carry = new_x, new_carry
         if cfg.pre_norm:
             x = Norm(cfg.norm_kind, unit_offset=cfg.norm_add_unit_offset, name="final_norm")(x)
         if return_hiddens:

@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from xtx.config import Config
+from xtx.config import Config, check_not_yet
 from xtx.layers.base import EMBED, ConfiguredMeta, Projection, dropout
 from xtx.layers.embedding import PositionalEmbedding
 from xtx.layers.norms import Norm
@@ -45,8 +45,10 @@ class ContinuousConfig(Config):
     average_pool_embed: bool = False
     probabilistic: bool = False
     use_identity_if_same_dim: bool = False
+    max_mem_len: int = 0
 
     def __post_init__(self):
+        check_not_yet(self, {"max_mem_len": 0})
         if self.probabilistic and self.dim_out is None:
             raise ValueError("probabilistic=True needs dim_out")
         if not 0.0 <= self.emb_dropout < 1.0:

@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from xtx.config import Config, field_names, unknown_keyword_error
+from xtx.config import Config, check_not_yet, field_names, unknown_keyword_error
 from xtx.layers.base import EMBED, VOCAB, ConfiguredMeta, Projection, dropout
 from xtx.layers.embedding import PositionalEmbedding, TokenEmbedding
 from xtx.layers.norms import Norm
@@ -75,8 +75,11 @@ class TransformerWrapperConfig(Config):
     l2norm_embed: bool = False
     return_only_embed: bool = False
     check_token_ids: bool = False
+    max_mem_len: int = 0
+    shift_mem_down: int = 0
 
     def __post_init__(self):
+        check_not_yet(self, {"max_mem_len": 0, "shift_mem_down": 0})
         if not isinstance(self.num_tokens, int) or self.num_tokens <= 0:
             raise ValueError(f"num_tokens must be a positive int, got {self.num_tokens!r}")
         if not isinstance(self.max_seq_len, int) or self.max_seq_len < 0:
