@@ -17,6 +17,17 @@ from xtx.models.xtransformer import XTransformerConfig
 # Building the torch model from an xtx config (for round trips and tests).
 
 
+# Seed (x-transformers 0.12) options that 2.31 removed: no torch 2.31 model has them.
+XTX_ONLY = {
+    "use_rezero",
+    "position_infused_attn",
+    "attn_use_entmax15",
+    "attn_collab_heads",
+    "attn_collab_compression",
+    "attn_talking_heads",
+}
+
+
 def _torch_stack_kwargs(cfg: AttentionLayersConfig) -> dict[str, Any]:
     kw: dict[str, Any] = dict(dim=cfg.dim, heads=cfg.heads)
     if cfg.custom_layers is not None:
@@ -24,32 +35,27 @@ def _torch_stack_kwargs(cfg: AttentionLayersConfig) -> dict[str, Any]:
     else:
         kw["depth"] = cfg.depth
     defaults = AttentionLayersConfig(dim=cfg.dim, depth=1)
-    for name in (
-        "cross_attend",
-        "only_cross",
-        "pre_norm",
-        "sandwich_norm",
-        "use_scalenorm",
-        "use_rmsnorm",
-        "use_simple_rmsnorm",
-        "norm_add_unit_offset",
-        "macaron",
-        "sandwich_coef",
-        "rotary_pos_emb",
-        "rotary_emb_dim",
-        "rotary_interpolation_factor",
-        "rotary_base_rescale_factor",
-        "rel_pos_bias",
-        "rel_pos_num_buckets",
-        "rel_pos_max_distance",
-        "alibi_pos_bias",
-        "alibi_num_heads",
-        "layer_dropout",
-        "disable_abs_pos_emb",
-    ):
-        value = getattr(cfg, name)
-        if value != getattr(defaults, name):
-            kw[name] = value
+    # Every non-default stack option is passed under its own name: xtx keeps the
+    # x-transformers keyword names. Options with no x-transformers 2.31 counterpart
+    # (the seed-only ones) are listed in XTX_ONLY and have no torch equivalent.
+    for f in dataclasses.fields(cfg):
+        if f.name in (
+            "dim",
+            "heads",
+            "depth",
+            "custom_layers",
+            "causal",
+            "attn",
+            "cross_attn",
+            "ff",
+        ):
+            continue
+        value = getattr(cfg, f.name)
+        if value == getattr(defaults, f.name):
+            continue
+        if f.name in XTX_ONLY:
+            raise ValueError(f"{f.name} has no x-transformers 2.31 equivalent")
+        kw[f.name] = value
     for prefix, sub, default in (
         ("attn_", cfg.attn, AttentionConfig()),
         ("ff_", cfg.ff, FeedForwardConfig()),
@@ -58,6 +64,8 @@ def _torch_stack_kwargs(cfg: AttentionLayersConfig) -> dict[str, Any]:
             value = getattr(sub, f.name)
             if f.name == "implementation" or value == getattr(default, f.name):
                 continue
+            if prefix + f.name in XTX_ONLY:
+                raise ValueError(f"{prefix}{f.name} has no x-transformers 2.31 equivalent")
             kw[prefix + f.name] = value
     if cfg.cross_attn is not None:
         for f in dataclasses.fields(cfg.cross_attn):
