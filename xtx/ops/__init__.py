@@ -12,6 +12,7 @@ from xtx.ops.attention import (
     reference_attention,
     register_backend,
 )
+from xtx.ops.blockwise import blockwise_attention
 from xtx.ops.losses import autoregressive_loss, cross_entropy
 from xtx.ops.masks import AttentionMask, pad_keys
 from xtx.ops.norms import l2_normalize, layer_norm, rms_norm, scale_norm
@@ -27,6 +28,8 @@ from xtx.ops.positional import (
     xpos_scale,
 )
 
+register_backend("blockwise", blockwise_attention)
+
 __all__ = [
     "AttentionMask",
     "alibi_bias",
@@ -37,6 +40,7 @@ __all__ = [
     "attention_output",
     "autoregressive_loss",
     "available_backends",
+    "blockwise_attention",
     "cross_entropy",
     "l2_normalize",
     "layer_norm",

@@ -1,0 +1,324 @@
+"""Blockwise (flash-style) attention in pure JAX: memory linear in sequence length.
+
+FlashAttention (arXiv 2205.14135) restated for XLA: queries are cut into blocks; each
+query block walks over key blocks with an online softmax (running max ``m``, running
+normaliser ``l``, running output ``acc``), so the ``[T, S]`` score matrix never exists.
+Key blocks that the mask hides entirely (the future of a causal query block, keys
+outside a sliding window) are not visited: the loop bounds come from the mask
+description, not from the mask values. The backward pass is a ``jax.custom_vjp`` that
+recomputes each block's probabilities from the saved log-normaliser instead of storing
+them.
+
+Numerics match ``reference_attention``: float32 logits and softmax, masked logits
+never contribute, a query with no visible key outputs zeros.
+
+Shapes: q ``[B, T, N, H]``, k/v ``[B, S, K, H]`` (N = G * K, query head i reads kv head
+i mod K), output ``[B, T, N, H]``. Inside, heads-major ``[B, K, G, T, H]``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from xtx.ops.masks import AttentionMask
+
+Array = jax.Array
+
+_NEG = -1e30  # finite "minus infinity" for running maxima of fully masked rows
+
+
+def _split_heads(q: Array, K: int) -> Array:
+    B, T, N, H = q.shape
+    return q.reshape(B, T, N // K, K, H).transpose(0, 3, 2, 1, 4)  # [B, K, G, T, H]
+
+
+def _merge_heads(o: Array) -> Array:
+    B, K, G, T, H = o.shape
+    return o.transpose(0, 3, 2, 1, 4).reshape(B, T, G * K, H)
+
+
+def _pad_to(x: Array, axis: int, multiple: int) -> Array:
+    n = x.shape[axis]
+    pad = (-n) % multiple
+    if not pad:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, pad)
+    return jnp.pad(x, widths)
+
+
+def _key_block_range(mask: AttentionMask, T: int, S: int, qi: Array, bq: int, bk: int):
+    """First and one-past-last key block that query block ``qi`` can see."""
+    n_kb = -(-S // bk)
+    lo, hi = jnp.int32(0), jnp.int32(n_kb)
+    if mask.q_offset is not None and jnp.ndim(mask.q_offset) > 0:
+        return lo, hi  # per-row offsets: keep every block, the dense test masks rows
+    offset = S - T if mask.q_offset is None else mask.q_offset
+    first_q = qi * bq + offset
+    last_q = jnp.minimum(qi * bq + bq, T) - 1 + offset
+    left, right = mask.window
+    if mask.causal:
+        right = 0 if right is None else min(right, 0)
+    if right is not None:
+        hi = jnp.clip((last_q + right) // bk + 1, 0, n_kb)
+    if left is not None:
+        lo = jnp.clip((first_q - left) // bk, 0, n_kb)
+    return lo.astype(jnp.int32), jnp.maximum(hi, lo).astype(jnp.int32)
+
+
+def _block_mask(mask, T, S, qi, kj, bq, bk, kp, qseg, kseg):
+    """Bool ``[B|1, 1, 1, bq, bk]`` for one (query block, key block) pair."""
+    q_idx = qi * bq + jnp.arange(bq)
+    k_idx = kj * bk + jnp.arange(bk)
+    keep = (q_idx[:, None] < T) & (k_idx[None, :] < S)
+    keep = keep[None, None, None]
+    if mask.causal or mask.window != (None, None):
+        q_pos = mask.query_positions(T, S)  # [T] or [B, T]
+        q_pos = jnp.pad(q_pos, [(0, 0)] * (q_pos.ndim - 1) + [(0, bq)])
+        q_pos = jax.lax.dynamic_slice_in_dim(q_pos, qi * bq, bq, axis=-1)
+        rel = k_idx[None, :] - q_pos[..., :, None]  # [bq, bk] or [B, bq, bk]
+        ok = jnp.ones(rel.shape, bool)
+        left, right = mask.window
+        if mask.causal:
+            right = 0 if right is None else min(right, 0)
+        if right is not None:
+            ok &= rel <= right
+        if left is not None:
+            ok &= rel >= -left
+        keep = keep & (ok[None, None, None] if ok.ndim == 2 else ok[:, None, None])
+    if kp is not None:
+        kpb = jax.lax.dynamic_slice_in_dim(kp, kj * bk, bk, axis=1)  # [B, bk]
+        keep = keep & kpb[:, None, None, None, :]
+    if qseg is not None:
+        qs = jax.lax.dynamic_slice_in_dim(qseg, qi * bq, bq, axis=1)
+        ks = jax.lax.dynamic_slice_in_dim(kseg, kj * bk, bk, axis=1)
+        keep = keep & (qs[:, :, None] == ks[:, None, :])[:, None, None]
+    return keep
+
+
+def _block_bias(bias, qi, kj, bq, bk, K):
+    """Slice ``[B|1, N|1, Tp, Sp]`` bias to ``[B|1, K|1, G|1, bq, bk]`` (tiled heads)."""
+    if bias is None:
+        return None
+    b = jax.lax.dynamic_slice_in_dim(bias, qi * bq, bq, axis=2)
+    b = jax.lax.dynamic_slice_in_dim(b, kj * bk, bk, axis=3)
+    Bb, Nb = b.shape[:2]
+    if Nb == 1:
+        return b[:, None]  # [B, 1, 1, bq, bk]
+    return b.reshape(Bb, Nb // K, K, bq, bk).transpose(0, 2, 1, 3, 4)
+
+
+def _prepare(q, k, v, mask, bias, bq, bk):
+    B, T, N, H = q.shape
+    S, K = k.shape[1], k.shape[2]
+    qh = _pad_to(_split_heads(q, K), 3, bq)  # [B, K, G, Tp, H]
+    kh = _pad_to(k.transpose(0, 2, 1, 3), 2, bk)  # [B, K, Sp, H]
+    vh = _pad_to(v.transpose(0, 2, 1, 3), 2, bk)
+    kp = qseg = kseg = None
+    if mask.key_padding is not None:
+        kp = _pad_to(jnp.broadcast_to(mask.key_padding.astype(bool), (B, S)), 1, bk)
+    if mask.q_segment_ids is not None:
+        qseg = _pad_to(mask.q_segment_ids, 1, bq)
+        kseg = _pad_to(mask.kv_segment_ids, 1, bk)
+    if bias is not None:
+        bias = jnp.broadcast_to(bias, (*bias.shape[:-2], T, S)).astype(jnp.float32)
+        while bias.ndim < 4:
+            bias = bias[None]
+        bias = _pad_to(_pad_to(bias, 2, bq), 3, bk)
+    return qh, kh, vh, kp, qseg, kseg, bias
+
+
+def _scores(qb, kb, scale, bias_b, keep):
+    """Masked float32 logits ``[B, K, G, bq, bk]``."""
+    s = jnp.einsum("bkgqh,bksh->bkgqs", qb, kb, preferred_element_type=jnp.float32) * scale
+    if bias_b is not None:
+        s = s + bias_b
+    return jnp.where(keep, s, _NEG)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _flash(q, k, v, mask, bias, scale, bq, bk, shapes):
+    out, _ = _flash_fwd_impl(q, k, v, mask, bias, scale, bq, bk, shapes)
+    return out
+
+
+def _flash_fwd_impl(q, k, v, mask, bias, scale, bq, bk, shapes):
+    T, S = shapes
+    K = k.shape[2]
+    qh, kh, vh, kp, qseg, kseg, biasp = _prepare(q, k, v, mask, bias, bq, bk)
+    B, _, G, Tp, H = qh.shape
+    n_qb = Tp // bq
+
+    def q_block(qi):
+        qb = jax.lax.dynamic_slice_in_dim(qh, qi * bq, bq, axis=3)
+        lo, hi = _key_block_range(mask, T, S, qi, bq, bk)
+
+        def body(kj, carry):
+            m, l, acc = carry
+            kb = jax.lax.dynamic_slice_in_dim(kh, kj * bk, bk, axis=2)
+            vb = jax.lax.dynamic_slice_in_dim(vh, kj * bk, bk, axis=2)
+            keep = _block_mask(mask, T, S, qi, kj, bq, bk, kp, qseg, kseg)
+            s = _scores(qb, kb, scale, _block_bias(biasp, qi, kj, bq, bk, K), keep)
+            m_new = jnp.maximum(m, s.max(-1))
+            p = jnp.where(keep, jnp.exp(s - m_new[..., None]), 0.0)
+            corr = jnp.exp(m - m_new)
+            l = l * corr + p.sum(-1)
+            pv = jnp.einsum("bkgqs,bksh->bkgqh", p.astype(vb.dtype), vb)
+            acc = acc * corr[..., None] + pv.astype(jnp.float32)
+            return m_new, l, acc
+
+        init = (
+            jnp.full((B, K, G, bq), _NEG, jnp.float32),
+            jnp.zeros((B, K, G, bq), jnp.float32),
+            jnp.zeros((B, K, G, bq, H), jnp.float32),
+        )
+        m, l, acc = jax.lax.fori_loop(lo, hi, body, init)
+        seen = l > 0
+        out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
+        lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), jnp.inf)
+        return out, lse
+
+    outs, lses = jax.lax.map(q_block, jnp.arange(n_qb))  # [n_qb, B, K, G, bq, ...]
+    out = jnp.moveaxis(outs, 0, 3).reshape(B, K, G, Tp, H)[:, :, :, :T]
+    lse = jnp.moveaxis(lses, 0, 3).reshape(B, K, G, Tp)
+    return _merge_heads(out).astype(v.dtype), lse
+
+
+def _flash_fwd(q, k, v, mask, bias, scale, bq, bk, shapes):
+    out, lse = _flash_fwd_impl(q, k, v, mask, bias, scale, bq, bk, shapes)
+    return out, (q, k, v, mask, bias, out, lse)
+
+
+def _flash_bwd(scale, bq, bk, shapes, res, g):
+    q, k, v, mask, bias, out, lse = res
+    T, S = shapes
+    K = k.shape[2]
+    qh, kh, vh, kp, qseg, kseg, biasp = _prepare(q, k, v, mask, bias, bq, bk)
+    B, _, G, Tp, H = qh.shape
+    Sp = kh.shape[2]
+    do = _pad_to(_split_heads(g, K), 3, bq).astype(jnp.float32)
+    o = _pad_to(_split_heads(out, K), 3, bq).astype(jnp.float32)
+    delta = jnp.sum(do * o, axis=-1)  # [B, K, G, Tp]
+    n_qb = Tp // bq
+
+    def q_block(carry, qi):
+        dk, dv, dbias = carry
+        qb = jax.lax.dynamic_slice_in_dim(qh, qi * bq, bq, axis=3)
+        dob = jax.lax.dynamic_slice_in_dim(do, qi * bq, bq, axis=3)
+        lseb = jax.lax.dynamic_slice_in_dim(lse, qi * bq, bq, axis=3)
+        deltab = jax.lax.dynamic_slice_in_dim(delta, qi * bq, bq, axis=3)
+        lo, hi = _key_block_range(mask, T, S, qi, bq, bk)
+
+        def body(kj, inner):
+            dq, dk, dv, dbias = inner
+            kb = jax.lax.dynamic_slice_in_dim(kh, kj * bk, bk, axis=2)
+            vb = jax.lax.dynamic_slice_in_dim(vh, kj * bk, bk, axis=2)
+            keep = _block_mask(mask, T, S, qi, kj, bq, bk, kp, qseg, kseg)
+            s = _scores(qb, kb, scale, _block_bias(biasp, qi, kj, bq, bk, K), keep)
+            p = jnp.where(keep, jnp.exp(s - lseb[..., None]), 0.0)  # [B, K, G, bq, bk]
+            dv_b = jnp.einsum("bkgqs,bkgqh->bksh", p, dob)
+            dp = jnp.einsum("bkgqh,bksh->bkgqs", dob, vb.astype(jnp.float32))
+            ds = p * (dp - deltab[..., None])
+            dq = dq + jnp.einsum("bkgqs,bksh->bkgqh", ds, kb.astype(jnp.float32)) * scale
+            dk_b = jnp.einsum("bkgqs,bkgqh->bksh", ds, qb.astype(jnp.float32)) * scale
+            dk = jax.lax.dynamic_update_slice_in_dim(
+                dk, jax.lax.dynamic_slice_in_dim(dk, kj * bk, bk, axis=2) + dk_b, kj * bk, axis=2
+            )
+            dv = jax.lax.dynamic_update_slice_in_dim(
+                dv, jax.lax.dynamic_slice_in_dim(dv, kj * bk, bk, axis=2) + dv_b, kj * bk, axis=2
+            )
+            if dbias is not None:
+                dbias = _accumulate_bias_grad(dbias, ds, qi, kj, bq, bk, K)
+            return dq, dk, dv, dbias
+
+        dq0 = jnp.zeros((B, K, G, bq, H), jnp.float32)
+        dq, dk, dv, dbias = jax.lax.fori_loop(lo, hi, body, (dq0, dk, dv, dbias))
+        return (dk, dv, dbias), dq
+
+    dk0 = jnp.zeros((B, K, Sp, H), jnp.float32)
+    dv0 = jnp.zeros((B, K, Sp, H), jnp.float32)
+    dbias0 = None if biasp is None else jnp.zeros(biasp.shape, jnp.float32)
+    (dk, dv, dbias), dqs = jax.lax.scan(q_block, (dk0, dv0, dbias0), jnp.arange(n_qb))
+    dq = jnp.moveaxis(dqs, 0, 3).reshape(B, K, G, Tp, H)[:, :, :, :T]
+    dq = _merge_heads(dq).astype(q.dtype)
+    dk = dk[:, :, :S].transpose(0, 2, 1, 3).astype(k.dtype)
+    dv = dv[:, :, :S].transpose(0, 2, 1, 3).astype(v.dtype)
+    # The mask holds ints and bools: no cotangent (None is JAX's symbolic zero).
+    if bias is None:
+        return dq, dk, dv, None, None
+    dbias = dbias[:, :, :T, :S]
+    dbias = _sum_to_shape(dbias, bias.shape).astype(bias.dtype)
+    return dq, dk, dv, None, dbias
+
+
+def _accumulate_bias_grad(dbias, ds, qi, kj, bq, bk, K):
+    """Adds a block's logit gradient ``[B, K, G, bq, bk]`` into ``[B|1, N|1, Tp, Sp]``."""
+    Bb, Nb = dbias.shape[:2]
+    B, _, G = ds.shape[:3]
+    if Nb == 1:
+        blk = ds.sum(axis=(1, 2))[:, None]
+    else:
+        blk = ds.transpose(0, 2, 1, 3, 4).reshape(B, G * K, bq, bk)
+    if Bb == 1:
+        blk = blk.sum(0, keepdims=True)
+    cur = jax.lax.dynamic_slice(dbias, (0, 0, qi * bq, kj * bk), (Bb, Nb, bq, bk))
+    return jax.lax.dynamic_update_slice(dbias, cur + blk, (0, 0, qi * bq, kj * bk))
+
+
+def _sum_to_shape(x: Array, shape: tuple[int, ...]) -> Array:
+    while x.ndim > len(shape):
+        x = x.sum(0)
+    axes = tuple(
+        i for i, (a, b) in enumerate(zip(x.shape, shape, strict=True)) if b == 1 and a != 1
+    )
+    return x.sum(axes, keepdims=True) if axes else x
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def blockwise_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    mask: AttentionMask | None = None,
+    bias: Array | None = None,
+    scale: float | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: Array | None = None,
+    block_q: int = 512,
+    block_k: int = 512,
+) -> Array:
+    """Attention over blocks with an online softmax; same results as the reference.
+
+    Args:
+      q, k, v, mask, bias, scale: as ``xtx.ops.attention``. ``mask.explicit`` is not
+        supported here (a dense mask defeats the purpose): use the reference backend.
+      dropout_rate, dropout_rng: dropout is not implemented in this kernel yet;
+        ``dropout_rate`` must be 0.
+      block_q, block_k: block sizes (clipped to the sequence lengths).
+
+    Returns:
+      ``[B, T, N, H]``.
+    """
+    if dropout_rate > 0.0:
+        raise ValueError("the blockwise backend does not implement dropout; use 'reference'")
+    mask = AttentionMask() if mask is None else mask
+    if mask.explicit is not None:
+        raise ValueError("the blockwise backend takes no explicit dense mask; use 'reference'")
+    T, S, H = q.shape[1], k.shape[1], q.shape[-1]
+    scale = H**-0.5 if scale is None else scale
+    bq = max(1, min(block_q, T))
+    bk = max(1, min(block_k, S))
+    if bias is not None:
+        bias = jnp.asarray(bias)
+    return _flash(q, k, v, mask, bias, float(scale), bq, bk, (T, S))
+
+
+def blockwise_supported(mask: AttentionMask | None, dropout_rate: float) -> bool:
+    """Whether ``blockwise_attention`` handles this call."""
+    return dropout_rate == 0.0 and (mask is None or mask.explicit is None)
