@@ -1,0 +1,143 @@
+"""Training throughput: xtx vs x-transformers, side by side in one process.
+
+Builds the same decoder in x-transformers (PyTorch CPU, ``attn_flash=True``, rotary)
+and in xtx (through ``xtx.interop.from_x_transformers``, so both start from the same
+weights), times full training steps (forward, backward, Adam update) and prints the
+tokens/s of each and their ratio, plus xtx's first-step compile time and peak memory.
+Machines like ours are shared and their speed moves 2-3x from hour to hour: only the
+ratios measured in one run mean anything.
+
+    python -m bench.throughput                       # the issue's sizes
+    python -m bench.throughput --sizes 2x128 --depth 2 --dim 128 --steps 2   # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+
+import jax
+import numpy as np
+import optax
+
+
+def _parse_sizes(text: str) -> list[tuple[int, int]]:
+    sizes = []
+    for part in text.split(","):
+        batch, length = part.lower().split("x")
+        sizes.append((int(batch), int(length)))
+    return sizes
+
+
+def _peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def time_torch(model, batch, length, steps, vocab):
+    import torch
+
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    x = torch.randint(0, vocab, (batch, length + 1))
+    model.train()
+
+    def step():
+        logits = model(x[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), x[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    step()  # warm-up
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - start) / steps
+
+
+def time_xtx(module, params, batch, length, steps, vocab, implementation):
+    from xtx.ops import cross_entropy
+
+    cfg = module.config
+    stack = cfg.attn_layers.replace(
+        attn=cfg.attn_layers.attn.replace(implementation=implementation)
+    )
+    module = type(module)(config=cfg.replace(attn_layers=stack))
+    opt = optax.adam(1e-4)
+    opt_state = opt.init(params)
+
+    def loss_fn(p, x):
+        return cross_entropy(module.apply({"params": p}, x[:, :-1]), x[:, 1:])
+
+    @jax.jit
+    def step(p, s, x):
+        loss, grads = jax.value_and_grad(loss_fn)(p, x)
+        updates, s = opt.update(grads, s, p)
+        return optax.apply_updates(p, updates), s, loss
+
+    x = jax.random.randint(jax.random.key(0), (batch, length + 1), 0, vocab)
+    start = time.perf_counter()
+    params, opt_state, loss = step(params, opt_state, x)
+    loss.block_until_ready()
+    compile_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(steps):
+        params, opt_state, loss = step(params, opt_state, x)
+    loss.block_until_ready()
+    return (time.perf_counter() - start) / steps, compile_s
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sizes", default="16x256,4x1024,1x4096")
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--depth", type=int, default=6)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument(
+        "--implementations", default="auto,reference", help="xtx attention backends to time"
+    )
+    args = parser.parse_args(argv)
+
+    import torch
+    import x_transformers as xt
+
+    from xtx import interop
+
+    torch.manual_seed(0)
+    sizes = _parse_sizes(args.sizes)
+    max_len = max(length for _, length in sizes)
+    torch_model = xt.TransformerWrapper(
+        num_tokens=args.vocab,
+        max_seq_len=max_len,
+        attn_layers=xt.Decoder(
+            dim=args.dim, depth=args.depth, heads=args.heads, rotary_pos_emb=True, attn_flash=True
+        ),
+    )
+    module, variables = interop.from_x_transformers(torch_model)
+    params = variables["params"]
+    n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+    print(
+        f"decoder dim={args.dim} depth={args.depth} heads={args.heads} vocab={args.vocab} "
+        f"({n_params / 1e6:.1f}M params), {args.steps} timed steps, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), jax {jax.__version__}"
+    )
+    header = f"{'batch x len':>12} {'torch tok/s':>12}"
+    impls = [i for i in args.implementations.split(",") if i]
+    for impl in impls:
+        header += f" {'xtx[' + impl + '] tok/s':>22} {'ratio':>6} {'compile s':>9}"
+    print(header + f" {'peak RSS GiB':>12}")
+    for batch, length in sizes:
+        tokens = batch * length
+        t_torch = time_torch(torch_model, batch, length, args.steps, args.vocab)
+        row = f"{f'{batch} x {length}':>12} {tokens / t_torch:12.0f}"
+        for impl in impls:
+            t_xtx, compile_s = time_xtx(module, params, batch, length, args.steps, args.vocab, impl)
+            row += f" {tokens / t_xtx:22.0f} {t_torch / t_xtx:6.2f} {compile_s:9.1f}"
+        print(row + f" {_peak_rss_gib():12.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
