@@ -337,28 +337,40 @@ def test_round_trip_jax_torch_jax():
     "build, option",
     [
         (
-            lambda: wrapper(xt.Decoder(dim=D, depth=1, heads=HEADS, attn_qk_norm=True)),
-            "attn_qk_norm",
+            lambda: wrapper(xt.Decoder(dim=D, depth=1, heads=HEADS, attn_value_rmsnorm=True)),
+            "attn_value_rmsnorm",
         ),
         (
-            lambda: wrapper(xt.Decoder(dim=D, depth=1, heads=HEADS, gate_residual=True)),
-            "gate_residual",
+            lambda: wrapper(xt.Decoder(dim=D, depth=1, heads=HEADS, orthog_residual=True)),
+            "orthog_residual",
         ),
         (
-            lambda: wrapper(xt.Decoder(dim=D, depth=1, heads=HEADS, attn_pre_talking_heads=True)),
-            "attn_pre_talking_heads",
-        ),
-        (lambda: wrapper(xt.Decoder(dim=D, depth=1, heads=HEADS), max_mem_len=4), "max_mem_len"),
-        (
-            lambda: wrapper(xt.Decoder(dim=D, depth=1, heads=HEADS, residual_attn=True)),
-            "residual_attn",
+            lambda: wrapper(
+                xt.Decoder(dim=D, depth=1, heads=HEADS, attn_pre_scale_post_talking_heads=True)
+            ),
+            "attn_pre_scale_post_talking_heads",
         ),
         (
-            lambda: wrapper(xt.Decoder(dim=D, depth=1, heads=HEADS, dynamic_pos_bias=True)),
-            "DynamicPositionBias",
+            lambda: wrapper(xt.Decoder(dim=D, depth=1, heads=HEADS), emb_frac_gradient=0.5),
+            "emb_frac_gradient",
+        ),
+        (
+            lambda: wrapper(xt.Decoder(dim=D, depth=1, heads=HEADS, attn_sigmoid=True)),
+            "attn_sigmoid",
+        ),
+        (
+            lambda: wrapper(xt.Decoder(dim=D, depth=1, heads=HEADS, attn_k_rmsnorm=True)),
+            "attn_k_rmsnorm",
         ),
     ],
-    ids=["qk_norm", "gate_residual", "talking_heads", "xl", "residual_attn", "dynamic_bias"],
+    ids=[
+        "value_rmsnorm",
+        "orthog_residual",
+        "pre_scale_talking_heads",
+        "frac_gradient",
+        "sigmoid",
+        "k_rmsnorm",
+    ],
 )
 def test_unsupported_option_is_named(build, option):
     with pytest.raises(interop.UnsupportedOption, match=option):

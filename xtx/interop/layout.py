@@ -50,6 +50,10 @@ SAME = Layout(lambda w: w, lambda w: w)
 LINEAR = Layout(lambda w: w.T, lambda w: w.T)  # [out, in] <-> [in, out]
 
 
+# Conv2d(h, h, 1) weight ``[out, in, 1, 1]`` <-> head-mixing matrix ``[in, out]``.
+CONV_1X1 = Layout(lambda w: w[:, :, 0, 0].T, lambda w: w.T[:, :, None, None])
+
+
 def heads_in(heads: int, dim_head: int) -> Layout:
     """``[N*H, D]`` <-> ``[D, N, H]`` (q/k/v projections)."""
     return Layout(
@@ -81,7 +85,110 @@ def _norm_rows(cfg_kind: str, path: tuple[str, ...], key: str, *, lead: str = ""
     return [((*path, "scale"), f"{key}.{name}", SAME)]
 
 
+# GRUCell bias ``[3*D]`` (gates r, z, n) <-> ``[3, D]``.
+GRU_BIAS = Layout(lambda w: w.reshape(3, -1), lambda w: w.reshape(-1))
+
+HYPER_CONNECTION_PARAMS = (
+    "static_beta",
+    "static_alpha",
+    "dynamic_alpha_fn",
+    "dynamic_alpha_scale",
+    "dynamic_beta_fn",
+    "dynamic_beta_scale",
+)
+
+
+def _residual_rows(cfg: AttentionLayersConfig, lp: tuple[str, ...], rk: str) -> list[Row]:
+    """Weights of one sublayer's residual combiner (torch ``layers.{i}.2``)."""
+    rp = (*lp, "residual")
+    rows: list[Row] = []
+    if cfg.num_residual_streams > 1:
+        rows.append(((*rp, "norm", "scale"), f"{rk}.norm.weight", SAME))
+        rows += [((*rp, name), f"{rk}.{name}", SAME) for name in HYPER_CONNECTION_PARAMS]
+        return rows
+    if cfg.scale_residual:
+        rows.append(((*rp, "residual_scale"), f"{rk}.residual_scale", SAME))
+    if cfg.gate_residual:
+        # weight_ih / weight_hh ``[3*D, D]`` <-> ``[D, 3, D]``: the q/k/v layout, 3 "heads".
+        gates = heads_in(3, cfg.dim)
+        rows += [
+            ((*rp, "ih_kernel"), f"{rk}.gru.weight_ih", gates),
+            ((*rp, "hh_kernel"), f"{rk}.gru.weight_hh", gates),
+            ((*rp, "ih_bias"), f"{rk}.gru.bias_ih", GRU_BIAS),
+            ((*rp, "hh_bias"), f"{rk}.gru.bias_hh", GRU_BIAS),
+        ]
+    return rows
+
+
+# Per-head ``[N, 1, H]`` <-> ``[N, H]`` (qk-norm gains, qk-rmsnorm gammas).
+HEAD_GAIN = Layout(lambda w: w[:, 0, :], lambda w: w[:, None, :])
+# Head scale ``[1, N, 1, 1]`` <-> ``[N]``.
+HEAD_SCALE = Layout(lambda w: w.reshape(-1), lambda w: w.reshape(1, -1, 1, 1))
+
+
+def _attention_extra_rows(
+    cfg: AttentionLayersConfig, acfg: Any, index: int, ap: tuple[str, ...], ak: str
+) -> list[Row]:
+    """Output projection and the optional projection-side weights of one attention."""
+    N, H = cfg.heads, acfg.dim_head
+    # attn_on_attn: to_out = Sequential(Linear(N*H, 2*D), GLU).
+    out_key = f"{ak}.to_out.0.weight" if acfg.on_attn else f"{ak}.to_out.weight"
+    rows: list[Row] = [((*ap, "to_out", "kernel"), out_key, heads_out(N, H))]
+    if acfg.qk_norm_dim_scale:
+        rows += [
+            ((*ap, "qk_norm_q_scale"), f"{ak}.qk_norm_q_scale", HEAD_GAIN),
+            ((*ap, "qk_norm_k_scale"), f"{ak}.qk_norm_k_scale", HEAD_GAIN),
+        ]
+    if acfg.qk_rmsnorm:
+        rows += [
+            ((*ap, "q_rmsnorm"), f"{ak}.q_rmsnorm.gamma", HEAD_GAIN),
+            ((*ap, "k_rmsnorm"), f"{ak}.k_rmsnorm.gamma", HEAD_GAIN),
+        ]
+    if acfg.head_scale:
+        rows.append(((*ap, "head_scale"), f"{ak}.head_scale_params", HEAD_SCALE))
+    if acfg.gate_values:
+        rows.append(((*ap, "to_v_gate", "kernel"), f"{ak}.to_v_gate.weight", heads_in(N, H)))
+    if index in cfg.learned_value_mix_layers:
+        mix_key = f"{ak}.to_value_residual_mix.0"
+        rows += [
+            ((*ap, "to_value_residual_mix", "kernel"), f"{mix_key}.weight", LINEAR),
+            ((*ap, "to_value_residual_mix", "bias"), f"{mix_key}.bias", SAME),
+        ]
+    return rows
+
+
+def _dynamic_pos_bias_rows(cfg: AttentionLayersConfig, path: tuple[str, ...], key: str):
+    """``DynamicPositionBias.mlp``: ``depth`` x Sequential(Linear, [norm], SiLU), Linear."""
+    rows: list[Row] = []
+    for i in range(cfg.dynamic_pos_bias_mlp_depth):
+        rows += [
+            ((*path, f"hidden_{i}", "kernel"), f"{key}.{i}.0.weight", LINEAR),
+            ((*path, f"hidden_{i}", "bias"), f"{key}.{i}.0.bias", SAME),
+        ]
+        if cfg.dynamic_pos_bias_norm:
+            # The first norm is x-transformers' LayerNorm (gamma), the rest torch's.
+            if i == 0:
+                rows.append(((*path, "norm_0", "scale"), f"{key}.0.1.gamma", SAME))
+            else:
+                rows += [
+                    ((*path, f"norm_{i}", "scale"), f"{key}.{i}.1.weight", SAME),
+                    ((*path, f"norm_{i}", "bias"), f"{key}.{i}.1.bias", SAME),
+                ]
+    last = f"{key}.{cfg.dynamic_pos_bias_mlp_depth}"
+    rows += [
+        ((*path, "to_heads", "kernel"), f"{last}.weight", LINEAR),
+        ((*path, "to_heads", "bias"), f"{last}.bias", SAME),
+    ]
+    return rows
+
+
 def _stack_rows(cfg: AttentionLayersConfig, path: tuple[str, ...], prefix: str) -> list[Row]:
+    if cfg.use_rezero:
+        raise _fail("use_rezero", "seed-only, removed in x-transformers 0.27")
+    if cfg.position_infused_attn:
+        raise _fail("position_infused_attn", "seed-only, removed in x-transformers 1.6")
+    if cfg.attn.collab_heads or cfg.cross_attn_config.collab_heads:
+        raise _fail("attn_collab_heads", "seed-only, removed in x-transformers 0.26")
     rows: list[Row] = []
     kind = cfg.norm_kind
     for i, t in enumerate(cfg.layer_types):
@@ -92,24 +199,36 @@ def _stack_rows(cfg: AttentionLayersConfig, path: tuple[str, ...], prefix: str) 
             rows += _norm_rows(kind, (*lp, "sandwich_norm"), f"{lk}.0.1")
         if not cfg.pre_norm:
             rows += _norm_rows(kind, (*lp, "post_norm"), f"{lk}.0.2")
+        # Each branch wrapper adds an ``fn.`` level: LayerScale(ShiftTokens(branch)).
+        bk = f"{lk}.1"
+        if cfg.use_layerscale:
+            rows.append(((*lp, "layer_scale"), f"{bk}.gamma", SAME))
+            bk += ".fn"
+        if cfg.shifts_of(i):
+            bk += ".fn"
+        rows += _residual_rows(cfg, lp, f"{lk}.2")
         if t in ("a", "c"):
             acfg = cfg.attn if t == "a" else cfg.cross_attn_config
             N, H, K = cfg.heads, acfg.dim_head, acfg.num_kv_heads(cfg.heads)
-            ap, ak = (*lp, "attn"), f"{lk}.1"
+            ap, ak = (*lp, "attn"), bk
             rows += [
                 ((*ap, "to_q", "kernel"), f"{ak}.to_q.weight", heads_in(N, H)),
                 ((*ap, "to_k", "kernel"), f"{ak}.to_k.weight", heads_in(K, H)),
                 ((*ap, "to_v", "kernel"), f"{ak}.to_v.weight", heads_in(K, H)),
-                ((*ap, "to_out", "kernel"), f"{ak}.to_out.weight", heads_out(N, H)),
             ]
+            rows += _attention_extra_rows(cfg, acfg, i, ap, ak)
             if acfg.num_mem_kv:
                 rows += [
                     ((*ap, "mem_k"), f"{ak}.mem_k", SAME),
                     ((*ap, "mem_v"), f"{ak}.mem_v", SAME),
                 ]
+            for when, on in (("pre", acfg.pre_talking_heads), ("post", acfg.post_talking_heads)):
+                if on:
+                    key = f"{ak}.attend.{when}_softmax_talking_heads.weight"
+                    rows.append(((*ap, f"{when}_talking_heads"), key, CONV_1X1))
         else:
             fp = (*lp, "ff")
-            fk = f"{lk}.1.fn.ff" if cfg.macaron else f"{lk}.1.ff"
+            fk = f"{bk}.fn.ff" if cfg.macaron else f"{bk}.ff"
             fcfg = cfg.ff
             if fcfg.glu:
                 rows += [
@@ -120,13 +239,22 @@ def _stack_rows(cfg: AttentionLayersConfig, path: tuple[str, ...], prefix: str) 
                 rows.append(((*fp, "proj_in", "kernel"), f"{fk}.0.0.weight", LINEAR))
                 if not fcfg.no_bias:
                     rows.append(((*fp, "proj_in", "bias"), f"{fk}.0.0.bias", SAME))
-            rows.append(((*fp, "proj_out", "kernel"), f"{fk}.2.weight", LINEAR))
+            # ff is Sequential(proj_in, [post-act LayerNorm], dropout, proj_out).
+            out_index = 2
+            if fcfg.post_act_ln:
+                rows.append(((*fp, "post_act_norm", "scale"), f"{fk}.1.gamma", SAME))
+                out_index = 3
+            rows.append(((*fp, "proj_out", "kernel"), f"{fk}.{out_index}.weight", LINEAR))
             if not fcfg.no_bias:
-                rows.append(((*fp, "proj_out", "bias"), f"{fk}.2.bias", SAME))
+                rows.append(((*fp, "proj_out", "bias"), f"{fk}.{out_index}.bias", SAME))
     if cfg.pre_norm:
         rows += _norm_rows(kind, (*path, "final_norm"), f"{prefix}final_norm")
     if cfg.rel_pos_bias:
         rows.append(((*path, "rel_pos"), f"{prefix}rel_pos.relative_attention_bias.weight", SAME))
+    if cfg.dynamic_pos_bias:
+        rows += _dynamic_pos_bias_rows(cfg, (*path, "rel_pos"), f"{prefix}rel_pos.mlp")
+    if cfg.num_residual_streams > 1:
+        rows.append(((*path, "stream_emb"), f"{prefix}stream_emb", SAME))
     return rows
 
 
@@ -217,9 +345,14 @@ def _buffers(config: Any) -> dict[str, np.ndarray]:
         stacks = [("attn_layers.", config.attn_layers)]
     out = {}
     for prefix, s in stacks:
-        if s.rotary_pos_emb:
+        if s.uses_rotary:
             inv = rotary_inv_freq(s.rotary_dim, base_rescale_factor=s.rotary_base_rescale_factor)
             out[f"{prefix}rotary_pos_emb.inv_freq"] = np.asarray(inv, np.float32)
+        if s.rotary_xpos:
+            # xPos's per-pair base zeta_k = (2k + 0.4 r) / (1.4 r), a persistent buffer.
+            r = s.rotary_dim
+            zeta = (np.arange(0, r, 2, dtype=np.float32) + 0.4 * r) / (1.4 * r)
+            out[f"{prefix}rotary_pos_emb.scale"] = zeta.astype(np.float32)
     return out
 
 

@@ -47,17 +47,11 @@ _ATTENTION_CHECKS = {
     "use_latent_kv": (False, "attn_use_latent_kv"),
     "qkv_receive_diff_residuals": (False, "qkv_receive_diff_residuals"),
     "laser": (False, "attn_laser"),
-    "to_v_gate": (None, "attn_gate_values"),
     "to_output_gate": (None, "attn_output_gate"),
     "to_v_head_gate": (None, "attn_gate_value_heads"),
-    "qk_norm": (False, "attn_qk_norm"),
-    "q_rmsnorm": (None, "attn_qk_rmsnorm"),
-    "k_rmsnorm": (None, "attn_k_rmsnorm"),
     "value_rmsnorm": (None, "attn_value_rmsnorm"),
     "data_dependent_alibi": (None, "attn_data_dependent_alibi"),
     "rel_proj_pos_bias": (None, "attn_use_rel_proj_pos_bias"),
-    "head_scale": (False, "attn_head_scale"),
-    "attn_on_attn": (False, "attn_on_attn"),
     "orthog_projected_values": (False, "attn_orthog_projected_values"),
     "orthog_projected_values_per_head": (False, "attn_orthog_projected_values_per_head"),
     "hybrid_module": (None, "attn_hybrid_module"),
@@ -65,24 +59,18 @@ _ATTENTION_CHECKS = {
 }
 _ATTEND_CHECKS = {
     "inverted_attention": (False, "attn_inverted_attention"),
-    "pre_softmax_talking_heads": (None, "attn_pre_talking_heads"),
-    "post_softmax_talking_heads": (None, "attn_post_talking_heads"),
     "pre_scale_post_talking_heads": (None, "attn_pre_scale_post_talking_heads"),
     "selective": (False, "attn_selective"),
     "cog_signed": (False, "attn_cog_signed"),
     "l2_distance": (False, "attn_l2_distance"),
     "add_zero_kv": (False, "attn_add_zero_kv"),
     "head_learned_sink": (False, "attn_head_learned_sink"),
-    "softclamp_logits": (False, "attn_softclamp_logits"),
     "cope": (None, "attn_use_cope"),
     "flash_pack_seq": (False, "attn_flash_pack_seq"),
 }
 _STACK_CHECKS = {
-    "num_residual_streams": (1, "num_residual_streams"),
     "polar_pos_emb": (None, "polar_pos_emb"),
     "pre_and_post_norm": (False, "pre_and_post_norm"),
-    "residual_attn": (False, "residual_attn"),
-    "cross_residual_attn": (False, "cross_residual_attn"),
     "need_condition": (False, "use_adaptive_layernorm / use_adaptive_rmsnorm"),
     "depth_scale_residual": (False, "depth_scale_residual"),
     "residual_scale": (None, "scale_residual (constant)"),
@@ -90,11 +78,8 @@ _STACK_CHECKS = {
     "softclamp_output": (False, "softclamp_output"),
     "unet_skips": (False, "unet_skips"),
     "reinject_input": (False, "reinject_input"),
-    "add_value_residual": (False, "add_value_residual"),
 }
 _WRAPPER_CHECKS = {
-    "max_mem_len": (0, "max_mem_len (XL recurrence)"),
-    "shift_mem_down": (0, "shift_mem_down"),
     "embeds": (None, "embed_num_tokens"),
     "ff_deep_embed": (None, "ff_deep_embed"),
     "emb_frac_gradient": (1.0, "emb_frac_gradient"),
@@ -130,19 +115,58 @@ def _dropout_p(module: Any) -> float:
     return float(getattr(module, "p", 0.0))
 
 
+def _projection_options(attn: Any) -> dict[str, Any]:
+    """The projection-side options of an x-transformers ``Attention`` (qk-norm, gates...)."""
+    opts: dict[str, Any] = {}
+    out = attn.to_out
+    if attn.attn_on_attn:
+        mods = [type(m).__name__ for m in out] if type(out).__name__ == "Sequential" else []
+        if mods != ["Linear", "GLU"]:
+            raise _fail("an attn_on_attn output projection other than Linear + GLU")
+        out = out[0]
+        opts["on_attn"] = True
+    if type(out).__name__ != "Linear" or out.bias is not None:
+        raise _fail("output projection variants (attn_dim_out / project_out / orthog values)")
+    if attn.qk_norm:
+        opts.update(
+            qk_norm=True,
+            qk_norm_groups=attn.qk_norm_groups,
+            qk_norm_dim_scale=bool(attn.qk_norm_dim_scale),
+        )
+        if not attn.qk_norm_dim_scale:
+            opts["qk_norm_scale"] = float(attn.qk_norm_scale)
+    if attn.k_rmsnorm is not None and attn.q_rmsnorm is None:
+        raise _fail("attn_k_rmsnorm")
+    opts["qk_rmsnorm"] = attn.q_rmsnorm is not None
+    gate = attn.to_v_gate
+    if gate is not None:
+        if type(gate).__name__ != "Linear":
+            raise _fail("attn_gate_values_rank")
+        if attn.gate_values_headwise:
+            raise _fail("attn_gate_values_headwise")
+        if attn.to_v_gate_activation.__name__ != "sigmoid":
+            raise _fail("attn_swiglu_values")
+        opts["gate_values"] = True
+    opts["head_scale"] = bool(attn.head_scale)
+    return opts
+
+
 def _attention_config(attn: Any, heads: int) -> AttentionConfig:
     _expect(attn, _ATTENTION_CHECKS)
     _expect(attn.attend, _ATTEND_CHECKS)
-    fn = attn.attend.attn_fn
-    if getattr(fn, "func", None) is None or fn.func.__name__ != "softmax":
-        raise _fail("a non-softmax attention (attn_hard / attn_sigmoid / custom_attn_fn)")
+    attend = attn.attend
+    fn = attend.attn_fn
+    fn_name = getattr(getattr(fn, "func", None), "__name__", None)
+    if fn_name not in ("softmax", "sparse_topk_attn", "one_hot_straight_through"):
+        raise _fail("a non-softmax attention (attn_sigmoid / attn_gumbel_softmax / custom_attn_fn)")
+    if fn_name != "softmax" and fn.keywords.get("temperature", 1.0) != 1.0:
+        raise _fail(f"a {fn_name} temperature other than 1")
+    sparse_topk = fn.keywords["sparse_topk"] if fn_name == "sparse_topk_attn" else None
     if attn.rotate_num_heads != heads:
         raise _fail("rotate_num_heads")
     dim_head = attn.to_q.out_features // heads
     if not math.isclose(attn.scale, dim_head**-0.5):
         raise _fail("a custom attention scale", f"scale={attn.scale}")
-    if type(attn.to_out).__name__ != "Linear":
-        raise _fail("attn_on_attn / output projection variants")
     dim_context = attn.to_k.in_features
     return AttentionConfig(
         dim_head=dim_head,
@@ -151,6 +175,18 @@ def _attention_config(attn: Any, heads: int) -> AttentionConfig:
         num_mem_kv=attn.num_mem_kv,
         dim_context=dim_context if dim_context != attn.to_q.in_features else None,
         flash=bool(attn.attend.flash),
+        **_projection_options(attn),
+        sparse_topk=sparse_topk,
+        sparse_topk_straight_through=bool(
+            sparse_topk is not None and fn.keywords.get("straight_through", False)
+        ),
+        pre_talking_heads=attend.pre_softmax_talking_heads is not None,
+        post_talking_heads=attend.post_softmax_talking_heads is not None,
+        hard=fn_name == "one_hot_straight_through",
+        softclamp_logits=bool(attend.softclamp_logits),
+        logit_softclamp_value=(
+            float(attend.logit_softclamp_value) if attend.softclamp_logits else 50.0
+        ),
     )
 
 
@@ -161,10 +197,16 @@ def _ff_config(ff: Any) -> tuple[FeedForwardConfig, bool]:
             raise _fail("a feedforward Scale other than macaron's 0.5")
         ff = ff.fn
     if type(ff).__name__ != "FeedForward":
-        raise _fail(f"feedforward class {type(ff).__name__} (e.g. shift_tokens)")
+        raise _fail(f"feedforward class {type(ff).__name__}")
     seq = list(ff.ff)
+    # Sequential(proj_in, [post-act LayerNorm], dropout, proj_out, [sublayer dropout]).
+    post_act_ln = len(seq) > 1 and type(seq[1]).__name__ == "LayerNorm"
+    if post_act_ln:
+        if seq[1].unit_offset:
+            raise _fail("a unit-offset post-activation LayerNorm")
+        seq = [seq[0], *seq[2:]]
     if len(seq) != 3:
-        raise _fail("ff_post_act_ln / ff_sublayer_dropout")
+        raise _fail("ff_sublayer_dropout")
     proj_in, drop, proj_out = seq
     inner = proj_out.in_features
     dim = proj_out.out_features
@@ -197,8 +239,73 @@ def _ff_config(ff: Any) -> tuple[FeedForwardConfig, bool]:
             relu_squared=act_name == "ReluSquared",
             no_bias=no_bias,
             dropout=_dropout_p(drop),
+            post_act_ln=post_act_ln,
         ),
         macaron,
+    )
+
+
+def _residual_options(residual: Any) -> tuple[bool, bool, int, int]:
+    """(gate_residual, scale_residual, num_residual_streams, sinkhorn iters) of a combiner."""
+    name = type(residual).__name__
+    if name == "HyperConnection":
+        if residual.num_input_views != 1:
+            raise _fail("qkv_receive_diff_residuals")
+        return False, False, residual.num_residual_streams, residual.sinkhorn_iters
+    if name not in ("Residual", "GRUGating"):
+        raise _fail(
+            f"residual {name} (orthog_residual / mv_split_residual / gated_multi_residual / "
+            "attn_aggregated_residuals)"
+        )
+    if getattr(residual, "scale_residual_constant", 1.0) != 1.0:
+        raise _fail("scale_residual_constant")
+    return name == "GRUGating", residual.residual_scale is not None, 1, 5
+
+
+def _unwrap_branch(block: Any) -> tuple[Any, bool | None, tuple[int, ...]]:
+    """Peels LayerScale and ShiftTokens off a sublayer's branch.
+
+    Returns the branch, the LayerScale's unit offset (None without LayerScale) and the
+    token shifts (empty without ShiftTokens).
+    """
+    layerscale = None
+    if type(block).__name__ == "LayerScale":
+        layerscale = bool(block.unit_offset)
+        block = block.fn
+    shifts: tuple[int, ...] = ()
+    if type(block).__name__ == "ShiftTokens":
+        shifts = tuple(int(s) for s in block.shifts)
+        block = block.fn
+    if type(block).__name__ in ("LayerScale", "AdaptiveLayerScale", "ShiftTokens"):
+        raise _fail(f"{type(block).__name__} (use_adaptive_layerscale, ...)")
+    return block, layerscale, shifts
+
+
+def _value_residual_options(al: Any, layer_types: tuple[str, ...]) -> dict[str, Any]:
+    """``add_value_residual`` and whether later self-attention layers learn the mix."""
+    if not al.add_value_residual:
+        return {}
+    opts: dict[str, Any] = {"add_value_residual": True}
+    if layer_types.count("a") > 1:
+        mixes = [
+            type(m.to_value_residual_mix).__name__
+            for m in al.modules()
+            if type(m).__name__ == "Attention"
+        ]
+        opts["learned_value_residual_mix"] = "Sequential" in mixes
+    return opts
+
+
+def _dynamic_pos_bias_options(rel: Any, dim: int) -> dict[str, Any]:
+    """The ``dynamic_pos_bias_*`` keywords of an x-transformers ``DynamicPositionBias``."""
+    hidden = list(rel.mlp)[:-1]
+    if hidden[0][0].out_features != dim // 4:
+        raise _fail("a dynamic position bias MLP width other than dim // 4")
+    return dict(
+        dynamic_pos_bias=True,
+        dynamic_pos_bias_log_distance=bool(rel.log_distance),
+        dynamic_pos_bias_mlp_depth=len(hidden),
+        dynamic_pos_bias_norm=len(hidden[0]) == 3,  # Linear, LayerNorm, SiLU
     )
 
 
@@ -207,8 +314,6 @@ def _stack_config(al: Any) -> AttentionLayersConfig:
     if name not in ("AttentionLayers", "Encoder", "Decoder", "CrossAttender"):
         raise _fail(f"attn_layers class {name}")
     _expect(al, _STACK_CHECKS)
-    if tuple(al.layers_execute_order) != tuple(range(len(al.layer_types))):
-        raise _fail("layers_execute_order / weight_tie_layers")
     if any(m is not None for m in al.layer_integrators) or any(
         m is not None for m in al.skip_combines
     ):
@@ -219,16 +324,18 @@ def _stack_config(al: Any) -> AttentionLayersConfig:
     layer_types = tuple(al.layer_types)
     heads = al.attn_heads
     attn_cfgs, cross_cfgs, ff_cfgs, macarons, norm_kinds = [], [], [], set(), set()
+    residuals, layerscales, shift_amounts = set(), set(), []
     for (norms, block, residual), t in zip(al.layers, layer_types, strict=True):
-        if type(residual).__name__ != "Residual":
-            raise _fail(f"residual {type(residual).__name__} (gate_residual, ...)")
-        if residual.residual_scale is not None:
-            raise _fail("scale_residual")
+        residuals.add(_residual_options(residual))
         for norm in norms:
             if norm is not None:
                 norm_kinds.add(_norm_kind(norm))
-        if type(block).__name__ in ("LayerScale", "AdaptiveLayerScale", "ShiftTokens"):
-            raise _fail(f"{type(block).__name__} (use_layerscale / shift_tokens)")
+        block, layerscale, shifts = _unwrap_branch(block)
+        layerscales.add(layerscale)
+        amount = max(shifts, default=0)
+        if shifts and shifts != tuple(range(0 if al.causal else -amount, amount + 1)):
+            raise _fail("shift_tokens", f"shifts {shifts}")
+        shift_amounts.append(amount)
         if t == "a":
             attn_cfgs.append(_attention_config(block, heads))
         elif t == "c":
@@ -244,7 +351,18 @@ def _stack_config(al: Any) -> AttentionLayersConfig:
             raise _fail(f"per-layer {what} options (tuple-valued attn_/ff_ keywords)")
     if len(norm_kinds) > 1 or len(macarons) > 1:
         raise _fail("mixed norm kinds or partial macaron")
+    if len(residuals) > 1 or len(layerscales) > 1:
+        raise _fail("per-layer residual or layer-scale options")
+    has_norms = bool(norm_kinds)
     kind, unit_offset = norm_kinds.pop() if norm_kinds else ("layernorm", True)
+    layerscale_offset = layerscales.pop()
+    if layerscale_offset is not None:
+        # SimpleRMSNorm has no gain, so only the LayerScale tells norm_add_unit_offset.
+        if kind == "simple_rmsnorm" or not has_norms:
+            unit_offset = layerscale_offset
+        elif layerscale_offset != unit_offset:
+            raise _fail("a LayerScale unit offset that differs from the norms'")
+    gate_residual, scale_residual, streams, sinkhorn_iters = residuals.pop()
     attn_cfg = attn_cfgs[0] if attn_cfgs else (cross_cfgs[0] if cross_cfgs else AttentionConfig())
     cross_cfg = cross_cfgs[0] if cross_cfgs and cross_cfgs[0] != attn_cfg else None
     macaron = bool(macarons and macarons.pop())
@@ -263,6 +381,14 @@ def _stack_config(al: Any) -> AttentionLayersConfig:
         norm_add_unit_offset=unit_offset,
         macaron=macaron,
         layer_dropout=float(dropouts.pop()),
+        gate_residual=gate_residual,
+        scale_residual=scale_residual,
+        num_residual_streams=streams,
+        hyper_conn_sinkhorn_iters=sinkhorn_iters,
+        use_layerscale=layerscale_offset is not None,
+        residual_attn=bool(al.residual_attn),
+        cross_residual_attn=bool(al.cross_residual_attn),
+        **_value_residual_options(al, layer_types),
         attn=attn_cfg,
         cross_attn=cross_cfg,
         ff=ff_cfgs[0] if ff_cfgs else FeedForwardConfig(),
@@ -270,7 +396,7 @@ def _stack_config(al: Any) -> AttentionLayersConfig:
     rot = al.rotary_pos_emb
     if rot is not None:
         if getattr(rot, "scale", None) is not None:
-            raise _fail("rotary_xpos")
+            kwargs.update(rotary_xpos=True, rotary_xpos_scale_base=rot.scale_base)
         inv = rot.inv_freq.detach().double().cpu().numpy()
         rot_dim = 2 * inv.shape[0]
         base = float(inv[1] ** (-rot_dim / 2.0)) if inv.shape[0] > 1 else 10000.0
@@ -301,18 +427,34 @@ def _stack_config(al: Any) -> AttentionLayersConfig:
             kwargs.update(alibi_pos_bias=True, alibi_num_heads=rel.heads)
             if rel.total_heads != heads:
                 raise _fail("alibi total heads")
+        elif rname == "DynamicPositionBias":
+            kwargs.update(_dynamic_pos_bias_options(rel, al.dim))
         else:
-            raise _fail(f"positional bias {rname} (dynamic_pos_bias, ...)")
+            raise _fail(f"positional bias {rname}")
     default_disable = bool(kwargs.get("rel_pos_bias") or kwargs.get("rotary_pos_emb"))
     if bool(al.disable_abs_pos_emb) != default_disable:
         kwargs["disable_abs_pos_emb"] = bool(al.disable_abs_pos_emb)
     cfg = AttentionLayersConfig(depth=1, **kwargs)
     block = cfg.layer_types
+    order = tuple(int(i) for i in al.layers_execute_order)
+    repeats = len(order) // len(block)
+    # Per-layer shifts can only be checked once the number of layers is known.
+    shift_tokens = shift_amounts[0] if len(set(shift_amounts)) == 1 else tuple(shift_amounts)
+    if layer_types == block and repeats > 1 and order == tuple(range(len(block))) * repeats:
+        # weight_tie_layers builds one block and runs it depth times.
+        return dataclasses.replace(
+            cfg, depth=repeats, weight_tie_layers=True, shift_tokens=shift_tokens
+        )
+    structure: dict[str, Any] = {"shift_tokens": shift_tokens}
     if len(layer_types) % len(block) == 0 and block * (len(layer_types) // len(block)) == (
         layer_types
     ):
-        return dataclasses.replace(cfg, depth=len(layer_types) // len(block))
-    return dataclasses.replace(cfg, depth=None, custom_layers=layer_types)
+        structure["depth"] = len(layer_types) // len(block)
+    else:
+        structure.update(depth=None, custom_layers=layer_types)
+    if order != tuple(range(len(layer_types))):
+        structure["layers_execute_order"] = order
+    return dataclasses.replace(cfg, **structure)
 
 
 def _pos_emb_kind(pos_emb: Any) -> str:
@@ -357,6 +499,8 @@ def _wrapper_config(tw: Any, *, return_only_embed: bool | None = None) -> Transf
         scaled_sinu_pos_emb=pos_kind == "sinusoidal",
         l2norm_embed=bool(tw.l2norm_embed),
         return_only_embed=not has_logits if return_only_embed is None else return_only_embed,
+        max_mem_len=int(tw.max_mem_len),
+        shift_mem_down=int(tw.shift_mem_down),
     )
     if pos_kind != "none" and not cfg.has_abs_pos_emb:
         raise _fail("an absolute positional embedding next to rotary/T5 (disable_abs_pos_emb)")
@@ -402,8 +546,6 @@ def config_from_x_transformers(model: Any) -> Any:
             emb_dropout=_dropout_p(model.dropout),
         )
     if name == "ContinuousTransformerWrapper":
-        if model.max_mem_len:
-            raise _fail("max_mem_len (XL recurrence)")
         stack = _stack_config(model.attn_layers)
         pos_kind = _pos_emb_kind(model.pos_emb)
         dim = stack.dim
@@ -430,6 +572,7 @@ def config_from_x_transformers(model: Any) -> Any:
             average_pool_embed=bool(model.average_pool_embed),
             probabilistic=bool(model.probabilistic),
             use_identity_if_same_dim=(dim_in == dim and type(pin).__name__ == "Identity"),
+            max_mem_len=int(model.max_mem_len),
         )
     raise _fail(f"model class {name}")
 

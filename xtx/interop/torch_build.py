@@ -24,7 +24,6 @@ XTX_ONLY = {
     "attn_use_entmax15",
     "attn_collab_heads",
     "attn_collab_compression",
-    "attn_talking_heads",
 }
 
 
@@ -71,6 +70,8 @@ def _torch_stack_kwargs(cfg: AttentionLayersConfig) -> dict[str, Any]:
         for f in dataclasses.fields(cfg.cross_attn):
             value = getattr(cfg.cross_attn, f.name)
             if f.name != "implementation" and value != getattr(cfg.attn, f.name):
+                if "attn_" + f.name in XTX_ONLY:
+                    raise ValueError(f"cross_attn_{f.name} has no x-transformers 2.31 equivalent")
                 kw["cross_attn_" + f.name] = value
     return kw
 

@@ -5,6 +5,7 @@ from xtx.layers.base import Projection
 from xtx.layers.embedding import TokenEmbedding
 from xtx.layers.feedforward import FeedForward, FeedForwardConfig
 from xtx.layers.norms import Norm
+from xtx.layers.position_bias import DynamicPositionBias
 from xtx.layers.transformer import (
     AttentionLayers,
     AttentionLayersConfig,
@@ -20,6 +21,7 @@ __all__ = [
     "AttentionLayersConfig",
     "CrossAttender",
     "Decoder",
+    "DynamicPositionBias",
     "Encoder",
     "FeedForward",
     "FeedForwardConfig",

@@ -3,6 +3,17 @@
 Paper: 1706.03762; grouped-query / multi-query attention 2305.13245 / 1911.02150;
 persistent memory key/values 1907.01470.
 
+Around the projections: cosine-sim / grouped qk-norm 2010.04245, QK RMSNorm 2302.05442,
+xPos 2212.10554, value residual learning 2410.17897, Normformer head scale 2110.09456,
+AlphaFold2-style value gates, attention on attention 1908.06954; and two options of the
+seed x-transformers 0.12 that 2.31 removed (no PyTorch counterpart to convert):
+collaborative heads 2006.16362 and Shortformer's position-infused attention 2012.15832.
+
+On the logits and probabilities (computed by ``xtx.ops.attention``): talking heads
+2003.02436, explicit sparse top-k attention 1912.11637, hard (one-hot, straight-through)
+attention, logit softclamp, residual attention (RealFormer) 2012.11747, and the seed's
+1.5-entmax 1909.00015.
+
 Shapes: x ``[B, T, D]``, context ``[B, S, Dc]``; inside, q ``[B, T, N, H]`` and k, v
 ``[B, S, K, H]`` (N query heads, K key/value heads, H head dim).
 
@@ -19,31 +30,19 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from xtx.config import Config, check_not_yet
+from xtx.config import Config
 from xtx.layers.base import EMBED, HEAD_DIM, HEADS, KV_HEADS, Projection
-from xtx.ops import AttentionMask, apply_rotary, attention, pad_keys
+from xtx.ops import (
+    AttentionMask,
+    apply_rotary,
+    attention,
+    l2_normalize,
+    pad_keys,
+    sinusoidal_embedding,
+    xpos_scale,
+)
 
 Array = jax.Array
-
-
-# Declared options whose implementation has not landed yet: setting one raises.
-PENDING_ATTENTION = {
-    "sparse_topk": None,
-    "sparse_topk_straight_through": False,
-    "pre_talking_heads": False,
-    "post_talking_heads": False,
-    "talking_heads": False,
-    "hard": False,
-    "softclamp_logits": False,
-    "use_entmax15": False,
-    "on_attn": False,
-    "gate_values": False,
-    "head_scale": False,
-    "qk_norm": False,
-    "qk_norm_dim_scale": False,
-    "qk_rmsnorm": False,
-    "collab_heads": False,
-}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -60,6 +59,35 @@ class AttentionConfig(Config):
       flash: accepted for x-transformers compatibility: use the fast attention path
         (same results; xtx picks the fastest backend for the platform anyway).
       implementation: ``xtx.ops.attention`` backend (``"auto"``, ``"reference"``, ...).
+      sparse_topk: attend only to the k largest logits of each row (1912.11637); all keys
+        when k >= the number of keys (x-transformers 2.31 raises there).
+      sparse_topk_straight_through: with ``sparse_topk``, backpropagate the gradient of
+        the dense normaliser (2505.22074).
+      pre_talking_heads: mix the heads' logits, ``S + W·S`` (2003.02436); W ``[N, N]``,
+        identity init.
+      post_talking_heads: mix the heads' probabilities after dropout, ``A <- W·A``.
+      talking_heads: the seed's keyword: sets ``pre_talking_heads`` and
+        ``post_talking_heads`` (2.31 semantics, not the seed's random non-residual
+        mixing) and reads False afterwards.
+      hard: one-hot attention at each row's largest logit, with the softmax gradient
+        (straight-through).
+      softclamp_logits: ``tanh(S / c) · c`` on the biased logits, before masking, with
+        ``c = logit_softclamp_value``.
+      use_entmax15: 1.5-entmax instead of softmax (seed x-transformers; 1909.00015).
+      on_attn: attention on attention: output projection to 2D followed by a GLU.
+      gate_values: gate the heads' outputs by ``sigmoid(W x)`` (W zero-initialised).
+      head_scale: a learned scalar per head on the heads' outputs (initialised to 1).
+      qk_norm: l2-normalise q and k per group of ``dim_head // qk_norm_groups`` dims;
+        the logits scale becomes ``qk_norm_scale``. Memory keys are normalised too.
+      qk_norm_groups: number of groups of the qk-norm.
+      qk_norm_scale: logits scale with ``qk_norm`` (ignored with ``qk_norm_dim_scale``).
+      qk_norm_dim_scale: learned per-head, per-dim gains on the normalised q and k
+        (initialised to ``dim_head ** 0.25``) and the usual ``dim_head ** -0.5`` scale.
+      qk_rmsnorm: RMSNorm on q and k with per-head, per-dim gains (stored minus one).
+      collab_heads: seed-only collaborative heads: one query and one key projection of
+        width ``int(collab_compression * heads * dim_head)`` shared by the heads, mixed
+        per head by a learned ``[heads, width]`` matrix. No x-transformers 2.31 equivalent.
+      collab_compression: the width ratio of ``collab_heads``.
     """
 
     dim_head: int = 64
@@ -93,7 +121,6 @@ class AttentionConfig(Config):
     collab_compression: float = 0.3
 
     def __post_init__(self):
-        check_not_yet(self, PENDING_ATTENTION, prefix="attn_")
         if self.dim_head <= 0:
             raise ValueError(f"attn_dim_head must be a positive int, got {self.dim_head}")
         if self.kv_heads is not None and self.kv_heads <= 0:
@@ -106,6 +133,81 @@ class AttentionConfig(Config):
             raise ValueError(f"attn_dropout must be in [0, 1), got {self.dropout}")
         if self.num_mem_kv < 0:
             raise ValueError(f"attn_num_mem_kv must be >= 0, got {self.num_mem_kv}")
+        self._check_projection_options()
+        self._check_logit_options()
+
+    def _check_logit_options(self):
+        if self.talking_heads:
+            # The seed spelling: 2.31 semantics (identity-initialised 1x1 head mixing, the
+            # pre-softmax one residual), stored as the two 2.31 switches.
+            object.__setattr__(self, "pre_talking_heads", True)
+            object.__setattr__(self, "post_talking_heads", True)
+            object.__setattr__(self, "talking_heads", False)
+        k = self.sparse_topk
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ValueError(f"attn_sparse_topk must be a positive int or None, got {k!r}")
+        if self.sparse_topk_straight_through and k is None:
+            raise ValueError("attn_sparse_topk_straight_through=True needs attn_sparse_topk")
+        if self.softclamp_logits and not self.logit_softclamp_value > 0:
+            raise ValueError(
+                f"attn_logit_softclamp_value must be > 0, got {self.logit_softclamp_value!r}"
+            )
+        if self.hard and self.use_entmax15:
+            raise ValueError("attn_hard=True and attn_use_entmax15=True exclude each other")
+        if self.hard and k is not None:
+            raise ValueError(f"attn_hard=True and attn_sparse_topk={k} exclude each other")
+
+    @property
+    def normalizer(self) -> str:
+        """The ``xtx.ops.attention`` normaliser these options select."""
+        if self.hard:
+            return "hard"
+        return "entmax15" if self.use_entmax15 else "softmax"
+
+    def _check_projection_options(self):
+        if self.qk_norm:
+            g = self.qk_norm_groups
+            if not isinstance(g, int) or g < 1 or self.dim_head % g:
+                raise ValueError(
+                    f"attn_qk_norm_groups must be an int >= 1 dividing attn_dim_head "
+                    f"({self.dim_head}), got {g!r}"
+                )
+            if self.dim_head // g <= 2:
+                # x-transformers asserts the same: 2 dims per group do not train.
+                raise ValueError(
+                    f"attn_qk_norm_groups={g} leaves attn_dim_head // groups = "
+                    f"{self.dim_head // g} dims per group; it must be > 2"
+                )
+        elif self.qk_norm_dim_scale:
+            raise ValueError("attn_qk_norm_dim_scale=True needs attn_qk_norm=True")
+        if self.collab_heads:
+            if not self.collab_compression > 0:
+                raise ValueError(
+                    f"attn_collab_compression must be > 0, got {self.collab_compression!r}"
+                )
+            others = {
+                "attn_num_mem_kv": self.num_mem_kv,
+                "attn_kv_heads": self.kv_heads,
+                "attn_one_kv_head": self.one_kv_head,
+                "attn_qk_norm": self.qk_norm,
+                "attn_qk_rmsnorm": self.qk_rmsnorm,
+            }
+            for name, value in others.items():
+                if value:
+                    # Collaborative heads share one key projection of a compressed width,
+                    # which these per-head key options cannot be defined on.
+                    raise ValueError(f"attn_collab_heads=True excludes {name} (got {value!r})")
+
+    def collab_dim(self, heads: int) -> int:
+        """Width of the shared query/key projection of collaborative heads (2006.16362)."""
+        width = int(self.collab_compression * heads * self.dim_head)
+        if width < 1:
+            raise ValueError(
+                f"attn_collab_compression={self.collab_compression} gives a shared query/key "
+                f"width of int({self.collab_compression} * heads * dim_head) = {width}; "
+                "it must be >= 1"
+            )
+        return width
 
     def num_kv_heads(self, heads: int) -> int:
         kv = 1 if self.one_kv_head else (self.kv_heads or heads)
@@ -118,21 +220,33 @@ class AttentionConfig(Config):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RotarySettings(Config):
-    """Rotary embedding options shared by every self-attention layer of a stack."""
+    """Rotary embedding options shared by every self-attention layer of a stack.
+
+    ``xpos_scale_base`` turns on xPos (2212.10554): queries are scaled by
+    ``xpos_scale(positions)`` and keys by its reciprocal; None = plain rotary.
+    """
 
     dim: int
     base: float = 10000.0
     interpolation_factor: float = 1.0
     base_rescale_factor: float = 1.0
     interleaved: bool = True
+    xpos_scale_base: float | None = None
+
+
+def _identity_init(key: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
+    """Identity (torch's ``dirac_`` on a 1x1 conv): talking heads start as a no-op mix."""
+    del key
+    return jnp.eye(shape[0], shape[1], dtype=dtype)
 
 
 class AttentionIntermediates(NamedTuple):
     """What one attention layer hands to later layers.
 
     Attributes:
-      logits: pre-softmax logits ``[B, N, T, S]`` after biases and masks, when the stack
-        uses residual attention; otherwise None.
+      logits: the final pre-softmax logits ``[B, N, T, S]`` (after talking heads, biases,
+        softclamp and masks) when asked for with ``return_logits`` (residual attention);
+        otherwise None.
       values: the layer's values ``[B, S, K, H]`` (before memory key/values).
     """
 
@@ -150,6 +264,10 @@ class Attention(nn.Module):
       causal: mask future keys (self-attention in a decoder).
       is_cross: keys and values come from ``context``.
       rotary: rotary settings, or None.
+      position_infused: add a fixed sinusoid over the model dim to the query and key
+        inputs (not the values): Shortformer's position-infused attention (2012.15832).
+      learned_value_residual_mix: with a ``value_residual``, mix it in with a learned
+        per-token, per-head gate ``sigmoid(W x + b)`` instead of 1/2.
     """
 
     config: AttentionConfig
@@ -158,6 +276,8 @@ class Attention(nn.Module):
     causal: bool = False
     is_cross: bool = False
     rotary: RotarySettings | None = None
+    position_infused: bool = False
+    learned_value_residual_mix: bool = False
 
     @nn.compact
     def __call__(
@@ -173,6 +293,7 @@ class Attention(nn.Module):
         bias: Array | None = None,
         prev_attn: Array | None = None,
         value_residual: Array | None = None,
+        return_logits: bool = False,
         deterministic: bool = True,
     ) -> tuple[Array, AttentionIntermediates]:
         """Attends from x to itself (or to ``context``).
@@ -191,13 +312,13 @@ class Attention(nn.Module):
             attention, 2012.11747).
           value_residual: values ``[B, S, K, H]`` of the first layer (value residual
             learning, 2410.17897).
+          return_logits: hand back the final pre-softmax logits in the intermediates
+            (the next layer's ``prev_attn`` under residual attention).
           deterministic: disable dropout.
 
         Returns:
           ``([B, T, D], AttentionIntermediates)``.
         """
-        if prev_attn is not None or value_residual is not None:
-            raise NotImplementedError("residual attention and value residuals are not in yet")
         cfg = self.config
         N, H = self.heads, cfg.dim_head
         K = cfg.num_kv_heads(N)
@@ -213,11 +334,30 @@ class Attention(nn.Module):
         elif mem is not None:
             kv_input = jnp.concatenate([mem.astype(x.dtype), x], axis=1)
         dim_kv = kv_input.shape[-1]
+        S = kv_input.shape[1]
+        q_input, k_input = x, kv_input
+        if self.position_infused and not self.is_cross:
+            # Shortformer: positions colour queries and keys only; queries are the last T
+            # of the S key positions (XL memory first).
+            pos_emb = sinusoidal_embedding(jnp.arange(S), D).astype(x.dtype)  # [S, D]
+            q_input, k_input = x + pos_emb[S - T :], kv_input + pos_emb
 
-        q = Projection((N, H), (D,), (EMBED, HEADS, HEAD_DIM), name="to_q")(x)  # [B, T, N, H]
-        k = Projection((K, H), (dim_kv,), (EMBED, KV_HEADS, HEAD_DIM), name="to_k")(kv_input)
+        if cfg.collab_heads:
+            q, k = self._collab_queries_keys(q_input, k_input)  # [B, T, N, C], [B, S, 1, C]
+        else:
+            q = Projection((N, H), (D,), (EMBED, HEADS, HEAD_DIM), name="to_q")(q_input)
+            k = Projection((K, H), (dim_kv,), (EMBED, KV_HEADS, HEAD_DIM), name="to_k")(k_input)
         v = Projection((K, H), (dim_kv,), (EMBED, KV_HEADS, HEAD_DIM), name="to_v")(kv_input)
         values = v  # [B, S, K, H], before memory key/values: the value residual source
+        if value_residual is not None:
+            v = self._mix_value_residual(x, v, value_residual)
+
+        scale = H**-0.5  # the logits scale; collaborative heads keep the per-head one
+        norm_mem_k = None  # what qk-norm also does to the memory keys
+        if cfg.qk_norm:
+            q, k, norm_mem_k, scale = self._cosine_sim_queries_keys(q, k)
+        if cfg.qk_rmsnorm:
+            q, k = self._rmsnorm_queries_keys(q, k)
 
         if self.rotary is not None and rotary_pos is not None:
             r = self.rotary
@@ -228,8 +368,16 @@ class Attention(nn.Module):
                 interpolation_factor=r.interpolation_factor,
                 base_rescale_factor=r.base_rescale_factor,
             )
-            q = apply_rotary(q, rotary_pos[..., -T:], **rot)
-            k = apply_rotary(k, rotary_pos, **rot)
+            q_xpos = k_xpos = None
+            if r.xpos_scale_base is not None:
+                xpos = xpos_scale(
+                    rotary_pos, r.dim, scale_base=r.xpos_scale_base, interleaved=r.interleaved
+                )  # [S, rot_dim]
+                q_xpos, k_xpos = xpos[..., -T:, :], 1.0 / xpos
+            q = apply_rotary(q, rotary_pos[..., -T:], scale=q_xpos, **rot)
+            k = apply_rotary(k, rotary_pos, scale=k_xpos, **rot)
+        if cfg.collab_heads:
+            k = jnp.broadcast_to(k, (B, S, N, k.shape[-1]))  # every head reads the shared keys
 
         if cfg.num_mem_kv:
             M = cfg.num_mem_kv
@@ -237,6 +385,8 @@ class Attention(nn.Module):
             axes = (KV_HEADS, None, HEAD_DIM)
             mem_k = self.param("mem_k", nn.with_logical_partitioning(init, axes), (K, M, H))
             mem_v = self.param("mem_v", nn.with_logical_partitioning(init, axes), (K, M, H))
+            if norm_mem_k is not None:
+                mem_k = norm_mem_k(mem_k)
 
             def prepend(t, m):
                 m = jnp.broadcast_to(jnp.swapaxes(m, 0, 1)[None], (B, M, K, H))
@@ -263,17 +413,140 @@ class Attention(nn.Module):
         rng = None
         if cfg.dropout > 0.0 and not deterministic:
             rng = self.make_rng("dropout")
+        talking = {}  # head-mixing weights [N_in, N_out] (x-transformers' 1x1 Conv2d)
+        for name, on in (
+            ("pre_talking_heads", cfg.pre_talking_heads),
+            ("post_talking_heads", cfg.post_talking_heads),
+        ):
+            if on:
+                init = nn.with_logical_partitioning(_identity_init, (None, None))
+                talking[name] = self.param(name, init, (N, N))
         out = attention(
             q,
             k,
             v,
             mask=mask,
             bias=bias,
+            scale=scale,
             dropout_rate=0.0 if deterministic else cfg.dropout,
             dropout_rng=rng,
             implementation=cfg.implementation,
+            prev_logits=prev_attn,
+            logit_softclamp=cfg.logit_softclamp_value if cfg.softclamp_logits else None,
+            sparse_topk=cfg.sparse_topk,
+            sparse_topk_straight_through=cfg.sparse_topk_straight_through,
+            normalizer=cfg.normalizer,
+            return_logits=return_logits,
+            **talking,
         )  # [B, T, N, H]
-        out = Projection((D,), (N, H), (HEADS, HEAD_DIM, EMBED), name="to_out")(out)
+        logits = None
+        if return_logits:
+            out, logits = out  # logits [B, N, T, S]
+        if cfg.head_scale:
+            # Normformer (2110.09456): a learned scalar per head, initialised to 1.
+            init = nn.with_logical_partitioning(nn.initializers.ones, (HEADS,))
+            out = out * self.param("head_scale", init, (N,))[:, None].astype(out.dtype)
+        if cfg.gate_values:
+            # AlphaFold2-style gating by the layer input; zero init gives a gate of 1/2.
+            gate = Projection(
+                (N, H),
+                (D,),
+                (EMBED, HEADS, HEAD_DIM),
+                kernel_init=nn.initializers.zeros,
+                name="to_v_gate",
+            )(x)
+            out = out * jax.nn.sigmoid(gate)
+        if cfg.on_attn:
+            # Attention on attention (1908.06954): project to 2D, then a GLU.
+            out = Projection((2 * D,), (N, H), (HEADS, HEAD_DIM, EMBED), name="to_out")(out)
+            out, gate = jnp.split(out, 2, axis=-1)
+            out = out * jax.nn.sigmoid(gate)
+        else:
+            out = Projection((D,), (N, H), (HEADS, HEAD_DIM, EMBED), name="to_out")(out)
         if query_mask is not None:
             out = jnp.where(query_mask[..., None], out, jnp.zeros((), out.dtype))
-        return out, AttentionIntermediates(logits=None, values=values)
+        return out, AttentionIntermediates(logits=logits, values=values)
+
+    # Helpers of __call__ that create parameters (they run inside its compact scope).
+
+    def _collab_queries_keys(self, q_input: Array, k_input: Array) -> tuple[Array, Array]:
+        """Collaborative heads (2006.16362): shared q/k of width C, mixed per head.
+
+        ``S_h = sum_c q_c m_{h,c} k_c``: queries are scaled by head h's mixing vector and
+        every head reads the one shared key. Returns q ``[B, T, N, C]``, k ``[B, S, 1, C]``.
+        """
+        N, D = self.heads, self.dim
+        C = self.config.collab_dim(N)
+        q = Projection((C,), (D,), (EMBED, None), name="to_q")(q_input)  # [B, T, C]
+        k = Projection((C,), (k_input.shape[-1],), (EMBED, None), name="to_k")(k_input)
+        init = nn.with_logical_partitioning(nn.initializers.normal(1.0), (HEADS, None))
+        mixing = self.param("collab_mixing", init, (N, C))
+        q = q[:, :, None, :] * mixing.astype(q.dtype)  # [B, T, N, C]
+        return q, k[:, :, None, :]
+
+    def _mix_value_residual(self, x: Array, v: Array, value_residual: Array) -> Array:
+        """Value residual learning (2410.17897): ``v <- r + w (v - r)``, r = first values.
+
+        ``w`` is 1/2, or ``sigmoid(W x + b)`` per token and head with a learned mix.
+        """
+        if value_residual.shape != v.shape:
+            raise ValueError(
+                f"value_residual must have the values' shape [B, S, K, H] = {v.shape}, "
+                f"got {value_residual.shape}"
+            )
+        mix = 0.5
+        if self.learned_value_residual_mix:
+            N = self.heads
+            if v.shape[1] != x.shape[1] or v.shape[2] != N:
+                # The mix is per query token and query head (as in x-transformers).
+                raise ValueError(
+                    "the learned value residual mix needs one key per query and one "
+                    f"key/value head per query head; got values {v.shape} for queries "
+                    f"{x.shape[:2]} with {N} heads (XL memories or grouped key/values: "
+                    "use learned_value_residual_mix=False)"
+                )
+            mix = Projection(
+                (N,), (self.dim,), (EMBED, HEADS), use_bias=True, name="to_value_residual_mix"
+            )(x)
+            mix = jax.nn.sigmoid(mix)[..., None]  # [B, T, N, 1]
+        value_residual = value_residual.astype(v.dtype)
+        return value_residual + mix * (v - value_residual)
+
+    def _cosine_sim_queries_keys(self, q: Array, k: Array):
+        """Cosine-sim attention (2010.04245): l2-normalised q and k per group of dims.
+
+        Returns ``(q, k, norm_mem_k, scale)``: the logits scale is ``qk_norm_scale``, or
+        ``dim_head ** -0.5`` with learned per-head, per-dim gains (``qk_norm_dim_scale``).
+        ``norm_mem_k`` does to memory keys ``[K, M, H]`` what was done to the keys.
+        """
+        cfg = self.config
+        N, H, K = self.heads, cfg.dim_head, cfg.num_kv_heads(self.heads)
+        q = l2_normalize(q, groups=cfg.qk_norm_groups)
+        k = l2_normalize(k, groups=cfg.qk_norm_groups)
+        k_gain = None
+        scale = cfg.qk_norm_scale
+        if cfg.qk_norm_dim_scale:
+            init = nn.with_logical_partitioning(
+                nn.initializers.constant(H**0.25), (HEADS, HEAD_DIM)
+            )
+            q_gain = self.param("qk_norm_q_scale", init, (N, H))
+            k_gain = self.param("qk_norm_k_scale", init, (K, H))
+            q, k = (q * q_gain).astype(q.dtype), (k * k_gain).astype(k.dtype)
+            scale = H**-0.5
+
+        def norm_mem_k(mem_k):
+            mem_k = l2_normalize(mem_k, groups=cfg.qk_norm_groups)
+            return mem_k if k_gain is None else mem_k * k_gain[:, None, :]
+
+        return q, k, norm_mem_k, scale
+
+    def _rmsnorm_queries_keys(self, q: Array, k: Array) -> tuple[Array, Array]:
+        """QK RMSNorm (2302.05442): ``sqrt(H) q / |q| (gamma + 1)``, gamma per head and dim."""
+        cfg = self.config
+        N, H, K = self.heads, cfg.dim_head, cfg.num_kv_heads(self.heads)
+        init = nn.with_logical_partitioning(nn.initializers.zeros, (HEADS, HEAD_DIM))
+        q_gamma = self.param("q_rmsnorm", init, (N, H))
+        k_gamma = self.param("k_rmsnorm", init, (K, H))
+        q = (l2_normalize(q) * H**0.5 * (q_gamma + 1.0)).astype(q.dtype)
+        k = (l2_normalize(k) * H**0.5 * (k_gamma + 1.0)).astype(k.dtype)
+        return q, k

@@ -1,7 +1,8 @@
 """The position-wise feedforward block, with GLU variants.
 
 Papers: 1706.03762 (FFN), 2002.05202 (GLU variants), 2204.02311 (SwiGLU in PaLM),
-2109.08668 (squared ReLU), 2212.14034 (no bias).
+2109.08668 (squared ReLU), 2212.14034 (no bias), 2110.09456 (Normformer post-activation
+LayerNorm).
 
 ``FF(x) = W2 act(W1 x + b1) + b2`` with inner width ``int(mult * dim)``; with ``glu`` the
 first projection is twice as wide and its first half (value) is multiplied by the
@@ -15,8 +16,9 @@ import dataclasses
 import flax.linen as nn
 import jax
 
-from xtx.config import Config, check_not_yet
+from xtx.config import Config
 from xtx.layers.base import EMBED, MLP, Projection, dropout
+from xtx.layers.norms import Norm
 
 Array = jax.Array
 
@@ -32,6 +34,8 @@ class FeedForwardConfig(Config):
       relu_squared: ``relu(x) ** 2`` instead of GELU.
       no_bias: drop the biases of the plain (non-GLU) input projection and the output.
       dropout: dropout after the activation.
+      post_act_ln: LayerNorm (gain stored as is, init 1, no bias) of the inner
+        activations, before the dropout (Normformer, 2110.09456).
     """
 
     mult: float = 4
@@ -43,7 +47,6 @@ class FeedForwardConfig(Config):
     post_act_ln: bool = False
 
     def __post_init__(self):
-        check_not_yet(self, {"post_act_ln": False}, prefix="ff_")
         if self.mult <= 0:
             raise ValueError(f"ff_mult must be > 0, got {self.mult}")
         if self.swish and self.relu_squared:
@@ -83,6 +86,9 @@ class FeedForward(nn.Module):
                 (inner,), (self.dim,), (EMBED, MLP), use_bias=not cfg.no_bias, name="proj_in"
             )(x)
             h = act(h)
+        if cfg.post_act_ln:
+            # Always the plain-stored LayerNorm, whatever norm_add_unit_offset says.
+            h = Norm("layernorm", unit_offset=False, name="post_act_norm")(h)
         h = dropout(self, h, cfg.dropout, deterministic)
         return Projection(
             (self.dim,), (inner,), (MLP, EMBED), use_bias=not cfg.no_bias, name="proj_out"

@@ -2,7 +2,11 @@
 ``CrossAttender`` specialisations, configured like x-transformers 2.x.
 
 Paper: 1706.03762; pre-norm 2002.04745; sandwich transformer 1911.03864; macaron
-1906.02762; T5 relative bias 1910.10683; ALiBi 2108.12409; rotary 2104.09864.
+1906.02762; T5 relative bias 1910.10683; ALiBi 2108.12409; rotary 2104.09864; GRU
+gating 1910.06764; Normformer 2110.09456; LayerScale 2103.17239; ReZero 2003.04887;
+token shift 2106.07477; ALBERT weight tying 1909.11942; hyper-connections 2409.19606;
+xPos 2212.10554; dynamic position bias 2111.09883; value residual learning 2410.17897;
+position-infused attention (Shortformer, seed x-transformers only) 2012.15832.
 
 A stack is a sequence of sublayers, each ``'a'`` (self-attention), ``'c'``
 (cross-attention) or ``'f'`` (feedforward), numbered consecutively as in x-transformers
@@ -10,6 +14,10 @@ A stack is a sequence of sublayers, each ``'a'`` (self-attention), ``'c'``
 
     pre-norm:  x = x + branch(norm(x))        (then one final norm after the stack)
     post-norm: x = norm(x + branch(x))
+
+The ``+`` may be a GRU gate or a hyper-connection over several residual streams
+(``xtx.layers.residual``). ``execute_order`` lists the sublayers to run: weight tying
+runs one block ``depth`` times, ``layers_execute_order`` any sequence of indices.
 
 Shapes: x ``[B, T, D]``, context ``[B, S, Dc]``, masks ``[B, T]`` / ``[B, S]``.
 """
@@ -23,34 +31,19 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from xtx.config import Config, check_not_yet, field_names, split_prefixed, unknown_keyword_error
+from xtx.config import Config, field_names, split_prefixed, unknown_keyword_error
 from xtx.layers.attention import Attention, AttentionConfig, RotarySettings
-from xtx.layers.base import HEADS, ConfiguredMeta
+from xtx.layers.base import EMBED, HEADS, NORM, ConfiguredMeta
 from xtx.layers.feedforward import FeedForward, FeedForwardConfig
 from xtx.layers.norms import Norm
+from xtx.layers.position_bias import DynamicPositionBias
+from xtx.layers.residual import GRUGating, HyperConnection, Residual
 from xtx.ops import alibi_bias, alibi_slopes, t5_position_bias
+from xtx.ops.token_shift import shift_tokens
 
 Array = jax.Array
 
 LAYER_TYPES = ("a", "c", "f")
-
-# Declared options whose implementation has not landed yet: setting one raises.
-PENDING_STACK = {
-    "rotary_xpos": False,
-    "dynamic_pos_bias": False,
-    "position_infused_attn": False,
-    "residual_attn": False,
-    "cross_residual_attn": False,
-    "add_value_residual": False,
-    "gate_residual": False,
-    "use_rezero": False,
-    "scale_residual": False,
-    "use_layerscale": False,
-    "shift_tokens": 0,
-    "weight_tie_layers": False,
-    "layers_execute_order": None,
-    "num_residual_streams": 1,
-}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -97,6 +90,7 @@ class AttentionLayersConfig(Config):
     residual_attn: bool = False
     cross_residual_attn: bool = False
     add_value_residual: bool = False
+    learned_value_residual_mix: bool = True
     gate_residual: bool = False
     use_rezero: bool = False
     scale_residual: bool = False
@@ -106,12 +100,12 @@ class AttentionLayersConfig(Config):
     weight_tie_layers: bool = False
     layers_execute_order: tuple[int, ...] | None = None
     num_residual_streams: int = 1
+    hyper_conn_sinkhorn_iters: int = 5
     attn: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
     cross_attn: AttentionConfig | None = None
     ff: FeedForwardConfig = dataclasses.field(default_factory=FeedForwardConfig)
 
     def __post_init__(self):
-        check_not_yet(self, PENDING_STACK)
         if not isinstance(self.dim, int) or self.dim <= 0:
             raise ValueError(f"dim must be a positive int, got {self.dim!r}")
         if self.heads <= 0:
@@ -126,8 +120,13 @@ class AttentionLayersConfig(Config):
             raise ValueError("use_scalenorm, use_rmsnorm and use_simple_rmsnorm exclude each other")
         if self.sandwich_norm and not self.pre_norm:
             raise ValueError("sandwich_norm=True needs pre_norm=True")
-        if sum((self.rel_pos_bias, self.alibi_pos_bias)) > 1:
-            raise ValueError("rel_pos_bias and alibi_pos_bias exclude each other; pick one")
+        biases = [
+            name
+            for name in ("rel_pos_bias", "alibi_pos_bias", "dynamic_pos_bias")
+            if getattr(self, name)
+        ]
+        if len(biases) > 1:
+            raise ValueError(f"{' and '.join(biases)} exclude each other; pick one")
         if self.rel_pos_num_buckets > self.rel_pos_max_distance:
             raise ValueError(
                 f"rel_pos_num_buckets ({self.rel_pos_num_buckets}) must be <= "
@@ -145,14 +144,104 @@ class AttentionLayersConfig(Config):
             bad = [t for t in self.custom_layers if t not in LAYER_TYPES]
             if bad:
                 raise ValueError(f"custom_layers entries must be in {LAYER_TYPES}, got {bad}")
-        if self.rotary_pos_emb and self.rotary_dim > self.attn.dim_head:
+        if self.uses_rotary and self.rotary_dim > self.attn.dim_head:
             raise ValueError(
                 f"rotary_emb_dim ({self.rotary_dim}) must be <= attn_dim_head "
                 f"({self.attn.dim_head})"
             )
         if not 0.0 <= self.layer_dropout < 1.0:
             raise ValueError(f"layer_dropout must be in [0, 1), got {self.layer_dropout}")
+        self._check_stack_structure()
+        self._check_projection_options()
         self.attn.num_kv_heads(self.heads)
+
+    def _check_projection_options(self) -> None:
+        """xPos, dynamic bias, position-infused attention, value residual, collab heads."""
+        if self.rotary_xpos and not self.causal:
+            # x-transformers asserts the same: the key scale 1/s grows without bound when
+            # queries can look ahead.
+            raise ValueError("rotary_xpos=True needs causal=True (a Decoder), got causal=False")
+        if self.rotary_xpos and not self.rotary_xpos_scale_base > 0:
+            raise ValueError(
+                f"rotary_xpos_scale_base must be > 0, got {self.rotary_xpos_scale_base!r}"
+            )
+        if self.dynamic_pos_bias:
+            depth = self.dynamic_pos_bias_mlp_depth
+            if not isinstance(depth, int) or depth < 1:
+                raise ValueError(f"dynamic_pos_bias_mlp_depth must be an int >= 1, got {depth!r}")
+            if self.dim < 4:
+                raise ValueError(
+                    f"dynamic_pos_bias needs dim >= 4 (its MLP is dim // 4 wide), got {self.dim}"
+                )
+        if self.position_infused_attn and self.dim % 2:
+            raise ValueError(
+                f"position_infused_attn needs an even dim (sin and cos halves), got {self.dim}"
+            )
+        if self.learned_value_mix_layers and self.attn.num_kv_heads(self.heads) != self.heads:
+            raise ValueError(
+                "add_value_residual with learned_value_residual_mix=True mixes per query head, "
+                f"so it needs attn_kv_heads = heads ({self.heads}); set "
+                "learned_value_residual_mix=False for grouped key/values"
+            )
+        if self.attn.collab_heads and self.layer_types.count("a"):
+            width = self.attn.collab_dim(self.heads)
+            if self.uses_rotary and self.rotary_dim > width:
+                raise ValueError(
+                    f"rotary_emb_dim ({self.rotary_dim}) must be <= the collaborative heads' "
+                    f"shared query/key width ({width})"
+                )
+        if self.cross_attn_config.collab_heads and "c" in self.layer_types:
+            self.cross_attn_config.collab_dim(self.heads)
+
+    def _check_stack_structure(self) -> None:
+        """Residual, layer-order and token-shift options (x-transformers 2.31's asserts)."""
+        streams = self.num_residual_streams
+        if not isinstance(streams, int) or streams < 1:
+            raise ValueError(f"num_residual_streams must be an int >= 1, got {streams!r}")
+        if streams > 1 and self.gate_residual:
+            raise ValueError(
+                "gate_residual and num_residual_streams > 1 (hyper-connections) exclude each other"
+            )
+        if streams > 1 and self.scale_residual:
+            # x-transformers silently ignores scale_residual with hyper-connections.
+            raise ValueError(
+                "scale_residual has no effect with num_residual_streams > 1 (hyper-connections); "
+                "drop one of them"
+            )
+        iters = self.hyper_conn_sinkhorn_iters
+        if not isinstance(iters, int) or iters < 0:
+            raise ValueError(f"hyper_conn_sinkhorn_iters must be an int >= 0, got {iters!r}")
+        if self.use_rezero and self.sandwich_norm:
+            raise ValueError("use_rezero drops the block norms that sandwich_norm needs; pick one")
+        if self.weight_tie_layers:
+            for name in ("custom_layers", "sandwich_coef", "layers_execute_order"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"weight_tie_layers and {name} exclude each other")
+        num_layers = len(self.layer_types)
+        order = self.layers_execute_order
+        if order is not None:
+            if self.custom_layers is not None and self.depth is not None:
+                raise ValueError("pass depth or custom_layers, not both, with layers_execute_order")
+            if not order or any(not isinstance(i, int) or not 0 <= i < num_layers for i in order):
+                raise ValueError(
+                    f"layers_execute_order must be a non-empty tuple of layer indices in "
+                    f"[0, {num_layers}), got {order!r}"
+                )
+        shifts = self.shift_tokens
+        if isinstance(shifts, tuple) and len(shifts) != num_layers:
+            raise ValueError(
+                f"shift_tokens as a tuple needs one entry per layer ({num_layers}), got {shifts}"
+            )
+        values = shifts if isinstance(shifts, tuple) else (shifts,)
+        if any(not isinstance(s, int) or s < 0 for s in values):
+            raise ValueError(f"shift_tokens must be ints >= 0, got {shifts!r}")
+        widest = max(values)
+        chunks = widest + 1 if self.causal else 2 * widest + 1
+        if widest and chunks > self.dim:
+            raise ValueError(
+                f"shift_tokens={widest} cuts the features into {chunks} chunks, more than "
+                f"dim={self.dim}"
+            )
 
     @classmethod
     def flat_keywords(cls) -> set[str]:
@@ -186,8 +275,9 @@ class AttentionLayersConfig(Config):
         cross_cfg = rest.pop("cross_attn", None)
         if cross:
             cross_cfg = (cross_cfg or attn_cfg).replace(**cross)
-        if "custom_layers" in rest and rest["custom_layers"] is not None:
-            rest["custom_layers"] = tuple(rest["custom_layers"])
+        for name in ("custom_layers", "layers_execute_order", "shift_tokens"):
+            if isinstance(rest.get(name), list):
+                rest[name] = tuple(rest[name])
         return cls(attn=attn_cfg, cross_attn=cross_cfg, ff=ff_cfg, **rest)
 
     # Derived properties.
@@ -195,6 +285,23 @@ class AttentionLayersConfig(Config):
     @property
     def rotary_dim(self) -> int:
         return self.rotary_emb_dim or self.attn.dim_head // 2
+
+    @property
+    def uses_rotary(self) -> bool:
+        """Rotary positions are on (``rotary_xpos`` turns them on, as in x-transformers)."""
+        return self.rotary_pos_emb or self.rotary_xpos
+
+    @property
+    def learned_value_mix_layers(self) -> tuple[int, ...]:
+        """Indices of the self-attention sublayers with a learned value residual mix.
+
+        As x-transformers: every self-attention layer after the first one built (the
+        first is the residual's source; cross-attention always mixes 1/2).
+        """
+        if not (self.add_value_residual and self.learned_value_residual_mix):
+            return ()
+        self_attn = [i for i, t in enumerate(self.layer_types) if t == "a"]
+        return tuple(self_attn[1:])
 
     @property
     def cross_attn_config(self) -> AttentionConfig:
@@ -215,7 +322,7 @@ class AttentionLayersConfig(Config):
         """Whether a wrapper around this stack should skip absolute positions."""
         if self.disable_abs_pos_emb is not None:
             return self.disable_abs_pos_emb
-        return self.rel_pos_bias or self.rotary_pos_emb
+        return self.rel_pos_bias or self.uses_rotary or self.position_infused_attn
 
     @property
     def layer_types(self) -> tuple[str, ...]:
@@ -227,6 +334,9 @@ class AttentionLayersConfig(Config):
             block = ("a", "f")
         if self.macaron:
             block = ("f", *block)
+        if self.weight_tie_layers:
+            # One block of parameters, run depth times (see execute_order).
+            return block
         if self.custom_layers is not None:
             return tuple(self.custom_layers)
         if self.sandwich_coef is not None:
@@ -234,9 +344,36 @@ class AttentionLayersConfig(Config):
             return ("a",) * k + block * (self.depth - k) + ("f",) * k
         return block * self.depth
 
+    @property
+    def execute_order(self) -> tuple[int, ...]:
+        """Indices into ``layer_types`` in running order; a repeated index reuses weights."""
+        if self.weight_tie_layers:
+            return tuple(range(len(self.layer_types))) * self.depth
+        if self.layers_execute_order is not None:
+            return tuple(self.layers_execute_order)
+        return tuple(range(len(self.layer_types)))
+
+    def shifts_of(self, index: int) -> tuple[int, ...]:
+        """Token shifts of sublayer ``index``: ``0..s`` when causal, else ``-s..s``."""
+        s = self.shift_tokens
+        s = s[index] if isinstance(s, tuple) else s
+        if not s:
+            return ()
+        return tuple(range(0 if self.causal else -s, s + 1))
+
+    @property
+    def has_final_norm(self) -> bool:
+        """Pre-norm stacks end with a norm; ReZero keeps it although its blocks have none."""
+        return self.pre_norm or self.use_rezero
+
 
 class Sublayer(nn.Module):
     """One residual step of the stack: norms around an attention or feedforward branch.
+
+    In order: the residual combiner's ``prepare`` (identity, or the hyper-connection
+    read-out of the streams), pre-norm, token shift, the branch, ReZero gate, layer
+    scale, sandwich norm, the residual combine (add, GRU gate or hyper-connection
+    write-back), post-norm. ``index`` is the sublayer's position in ``layer_types``.
 
     ``carry`` holds what flows between sublayers besides the hidden state (residual
     attention logits, first-layer values); the sublayer returns it updated.
@@ -244,32 +381,59 @@ class Sublayer(nn.Module):
 
     config: AttentionLayersConfig
     layer_type: str
+    index: int = 0
 
     @nn.compact
     def __call__(self, x, carry, *, context, masks, mem, rotary_pos, bias, deterministic):
         cfg = self.config
         norm = lambda name: Norm(cfg.norm_kind, unit_offset=cfg.norm_add_unit_offset, name=name)  # noqa: E731
-        residual = x
-        if cfg.pre_norm:
+        if cfg.num_residual_streams > 1:
+            combiner = HyperConnection(
+                cfg.dim,
+                cfg.num_residual_streams,
+                self.index,
+                cfg.hyper_conn_sinkhorn_iters,
+                name="residual",
+            )
+        elif cfg.gate_residual:
+            combiner = GRUGating(cfg.dim, cfg.scale_residual, name="residual")
+        else:
+            combiner = Residual(cfg.dim, cfg.scale_residual, name="residual")
+        x, residual, combine_args = combiner.prepare(x)
+        # ReZero replaces every block norm with the identity.
+        if cfg.pre_norm and not cfg.use_rezero:
             pre_norm = norm("pre_norm")
             x = pre_norm(x)
             if mem is not None:
                 # XL memories go through the consuming layer's own pre-norm.
                 mem = pre_norm(mem)
+        shifts = cfg.shifts_of(self.index)
+        if shifts:
+            # x-transformers hands the padding mask to attention branches only, so only
+            # they zero padded positions before shifting.
+            x = shift_tokens(x, shifts, masks["query"] if self.layer_type != "f" else None)
         if self.layer_type == "f":
             out = FeedForward(cfg.ff, cfg.dim, name="ff")(x, deterministic=deterministic)
             if cfg.macaron:
                 out = out * 0.5
         elif self.layer_type == "a":
             rotary = None
-            if cfg.rotary_pos_emb:
+            if cfg.uses_rotary:
                 rotary = RotarySettings(
                     dim=cfg.rotary_dim,
                     interpolation_factor=cfg.rotary_interpolation_factor,
                     base_rescale_factor=cfg.rotary_base_rescale_factor,
+                    xpos_scale_base=cfg.rotary_xpos_scale_base if cfg.rotary_xpos else None,
                 )
             out, inter = Attention(
-                cfg.attn, cfg.dim, cfg.heads, causal=cfg.causal, rotary=rotary, name="attn"
+                cfg.attn,
+                cfg.dim,
+                cfg.heads,
+                causal=cfg.causal,
+                rotary=rotary,
+                position_infused=cfg.position_infused_attn,
+                learned_value_residual_mix=self.index in cfg.learned_value_mix_layers,
+                name="attn",
             )(
                 x,
                 key_mask=masks["self_keys"],
@@ -280,6 +444,7 @@ class Sublayer(nn.Module):
                 bias=bias,
                 prev_attn=carry["prev_attn"] if cfg.residual_attn else None,
                 value_residual=carry["values"] if cfg.add_value_residual else None,
+                return_logits=cfg.residual_attn,
                 deterministic=deterministic,
             )
             carry = dict(carry, prev_attn=inter.logits)
@@ -295,17 +460,99 @@ class Sublayer(nn.Module):
                 query_mask=masks["query"],
                 prev_attn=carry["prev_cross_attn"] if cfg.cross_residual_attn else None,
                 value_residual=carry["cross_values"] if cfg.add_value_residual else None,
+                return_logits=cfg.cross_residual_attn,
                 deterministic=deterministic,
             )
             carry = dict(carry, prev_cross_attn=inter.logits)
             if carry["cross_values"] is None:
                 carry["cross_values"] = inter.values
+        if cfg.use_rezero and self.layer_type != "f":
+            # Seed x-transformers gates attention branches (self and cross), not FF.
+            gate = self.param(
+                "rezero_gate", nn.with_logical_partitioning(nn.initializers.zeros, (None,)), (1,)
+            )
+            out = out * gate.astype(out.dtype)
+        if cfg.use_layerscale:
+            # Stored like the norm gains: minus one when norm_add_unit_offset.
+            offset = float(cfg.norm_add_unit_offset)
+            init = nn.initializers.constant(cfg.layerscale_init_value - offset)
+            gamma = self.param(
+                "layer_scale", nn.with_logical_partitioning(init, (NORM,)), (cfg.dim,)
+            )
+            out = out * (gamma + offset).astype(out.dtype)
         if cfg.sandwich_norm:
             out = norm("sandwich_norm")(out)
-        x = out + residual
-        if not cfg.pre_norm:
+        x = combiner(out, residual, **combine_args)
+        if not cfg.pre_norm and not cfg.use_rezero:
             x = norm("post_norm")(x)
         return x, carry
+
+
+def _checked_mems(mems: Any, num_self: int, B: int, D: int) -> tuple[Array, ...] | None:
+    """XL memories as a tuple of ``[B, M, D]`` arrays, one per self-attention layer."""
+    if mems is None:
+        return None
+    if not isinstance(mems, tuple | list):
+        raise TypeError(
+            f"mems must be a tuple of [B, M, D] arrays, one per self-attention layer, "
+            f"got {type(mems).__name__}"
+        )
+    if len(mems) != num_self:
+        raise ValueError(
+            f"mems must hold one array per self-attention layer ({num_self}), got {len(mems)}"
+        )
+    mems = tuple(jnp.asarray(m) for m in mems)
+    for i, m in enumerate(mems):
+        if m.ndim != 3 or m.shape[0] != B or m.shape[2] != D:
+            raise ValueError(f"mems[{i}] must have shape [B, M, D] = [{B}, M, {D}], got {m.shape}")
+        if m.shape != mems[0].shape:
+            raise ValueError(
+                f"every mems entry must have the same length M: mems[0] is {mems[0].shape}, "
+                f"mems[{i}] is {m.shape}"
+            )
+    return mems
+
+
+def _checked_mem_masks(mem_masks: Any, mems: tuple[Array, ...] | None, B: int) -> Any:
+    """Per-layer ``[B, M]`` bool memory masks (entries may be None), or None."""
+    if mem_masks is None:
+        return None
+    if mems is None:
+        raise ValueError("mem_masks was given without mems")
+    if not isinstance(mem_masks, tuple | list):
+        raise TypeError(
+            f"mem_masks must be a tuple of [B, M] masks, got {type(mem_masks).__name__}"
+        )
+    if len(mem_masks) != len(mems):
+        raise ValueError(
+            f"mem_masks must hold one [B, M] mask per mems entry ({len(mems)}), "
+            f"got {len(mem_masks)}"
+        )
+    expected = mems[0].shape[:2] if mems else (B, 0)
+    checked = []
+    for i, m in enumerate(mem_masks):
+        if m is not None:
+            m = jnp.asarray(m)
+            if m.shape != expected:
+                raise ValueError(
+                    f"mem_masks[{i}] must have shape [B, M] = {expected}, got {m.shape}"
+                )
+            m = m.astype(bool)
+        checked.append(m)
+    return tuple(checked)
+
+
+def _memory_key_mask(
+    key_mask: Array | None, mem_mask: Array | None, B: int, T: int, mem_len: int
+) -> Array | None:
+    """The ``[B, M + T]`` self-attention key mask: memory rows first, True unless masked."""
+    if mem_mask is None:
+        if key_mask is None or not mem_len:
+            return key_mask
+        mem_mask = jnp.ones((B, mem_len), bool)
+    elif key_mask is None:
+        key_mask = jnp.ones((B, T), bool)
+    return jnp.concatenate([mem_mask, key_mask.astype(bool)], axis=1)
 
 
 class AttentionLayers(nn.Module, metaclass=ConfiguredMeta):
@@ -342,6 +589,7 @@ class AttentionLayers(nn.Module, metaclass=ConfiguredMeta):
         attn_mask: Array | None = None,
         self_attn_kv_mask: Array | None = None,
         mems: tuple[Array, ...] | list[Array] | None = None,
+        mem_masks: tuple[Array | None, ...] | list[Array | None] | None = None,
         return_hiddens: bool = False,
         deterministic: bool = True,
     ) -> Array | tuple[Array, list[Array]]:
@@ -356,7 +604,10 @@ class AttentionLayers(nn.Module, metaclass=ConfiguredMeta):
           attn_mask: extra bool mask ``[T, S]``, ``[N, T, S]`` or ``[B, N, T, S]``.
           self_attn_kv_mask: ``[B, T]`` key mask for self-attention that replaces ``mask``
             on the key side (used by the forgetful causal mask).
-          mems: per self-attention layer ``[B, M, D]`` XL memories (pre-norm hiddens).
+          mems: per self-attention layer ``[B, M, D]`` XL memories (pre-norm hiddens,
+            1901.02860), the same M for every layer; keys are ``[memory; tokens]``.
+          mem_masks: per self-attention layer ``[B, M]`` bool, False at memory rows that
+            must not be attended (default: every memory row is attended).
           return_hiddens: also return the input hidden of each self-attention layer (the
             XL memories of the next segment).
           deterministic: disable dropout and layer dropout.
@@ -381,18 +632,20 @@ class AttentionLayers(nn.Module, metaclass=ConfiguredMeta):
                     f"got {context_mask.shape}"
                 )
         layer_types = cfg.layer_types
-        num_self = layer_types.count("a")
-        if mems is not None and len(mems) != num_self:
-            raise ValueError(
-                f"mems must hold one array per self-attention layer ({num_self}), got {len(mems)}"
-            )
+        # Each run of a self-attention layer takes its own memory (tied layers run often).
+        num_self = sum(layer_types[i] == "a" for i in cfg.execute_order)
+        mems = _checked_mems(mems, num_self, B, D)
         mem_len = mems[0].shape[1] if mems else 0
+        mem_masks = _checked_mem_masks(mem_masks, mems, B)
 
         key_mask = self_attn_kv_mask if self_attn_kv_mask is not None else mask
-        if key_mask is not None and mem_len:
-            key_mask = jnp.concatenate([jnp.ones((B, mem_len), bool), key_mask], axis=1)
+        # One key mask per self-attention layer: the memory part may differ by layer.
+        self_key_masks = [
+            _memory_key_mask(key_mask, mem_mask, B, T, mem_len)
+            for mem_mask in (mem_masks or (None,) * num_self)
+        ]
         masks = {
-            "self_keys": key_mask,
+            "self_keys": self_key_masks[0] if self_key_masks else key_mask,
             "query": mask,
             "attn": attn_mask,
             "context": context_mask,
@@ -420,23 +673,54 @@ class AttentionLayers(nn.Module, metaclass=ConfiguredMeta):
         elif cfg.alibi_pos_bias:
             slopes = alibi_slopes(cfg.alibi_num_heads or cfg.heads, total_heads=cfg.heads)
             bias = alibi_bias(slopes, q_pos, key_pos)
+        elif cfg.dynamic_pos_bias:
+            bias = DynamicPositionBias(
+                cfg.dim // 4,
+                cfg.heads,
+                cfg.dynamic_pos_bias_mlp_depth,
+                cfg.dynamic_pos_bias_log_distance,
+                cfg.dynamic_pos_bias_norm,
+                name="rel_pos",
+            )(q_pos, key_pos)
+        rotary_pos = key_pos if cfg.uses_rotary else None
 
         hiddens = []
         mem_iter = iter(mems or ())
+        key_mask_iter = iter(self_key_masks)
         carry = {"prev_attn": None, "prev_cross_attn": None, "values": None, "cross_values": None}
-        for i, layer_type in enumerate(layer_types):
-            layer = Sublayer(cfg, layer_type, name=f"layers_{i}")
+        streams = cfg.num_residual_streams
+        if streams > 1:
+            if mems is not None or return_hiddens:
+                # x-transformers would hand the [B*S, T, D] streams on as memories.
+                raise ValueError(
+                    "num_residual_streams > 1 (hyper-connections) does not support mems or "
+                    "return_hiddens (XL recurrence)"
+                )
+            stream_emb = self.param(
+                "stream_emb",
+                nn.with_logical_partitioning(nn.initializers.zeros, (None, EMBED)),
+                (streams, D),
+            )
+            x = x[:, :, None, :] + stream_emb.astype(x.dtype)  # [B, T, S, D]
+        # One module per entry of layer_types; the execution order may repeat (weight
+        # tying) or skip entries, and a repeated module reuses its parameters.
+        layers = [Sublayer(cfg, t, i, name=f"layers_{i}") for i, t in enumerate(layer_types)]
+        order = cfg.execute_order
+        for i in order:
+            layer, layer_type = layers[i], layer_types[i]
             mem = None
+            layer_masks = masks
             if layer_type == "a":
                 hiddens.append(x)
                 mem = next(mem_iter) if mems else None
+                layer_masks = dict(masks, self_keys=next(key_mask_iter))
             new_x, new_carry = layer(
                 x,
                 carry,
                 context=context,
-                masks=masks,
+                masks=layer_masks,
                 mem=mem,
-                rotary_pos=key_pos if cfg.rotary_pos_emb else None,
+                rotary_pos=rotary_pos,
                 bias=bias,
                 deterministic=deterministic,
             )
@@ -450,7 +734,23 @@ class AttentionLayers(nn.Module, metaclass=ConfiguredMeta):
                     for k, v in new_carry.items()
                 }
             x, carry = new_x, new_carry
-        if cfg.pre_norm:
+        if self.is_initializing():
+            # Sublayers left out of the execution order still own weights (x-transformers
+            # builds them), so create them to keep the parameter tree complete.
+            for i in sorted(set(range(len(layers))) - set(order)):
+                layers[i](
+                    x,
+                    carry,
+                    context=context,
+                    masks=masks,
+                    mem=None,
+                    rotary_pos=rotary_pos,
+                    bias=bias,
+                    deterministic=True,
+                )
+        if streams > 1:
+            x = x.sum(axis=2)
+        if cfg.has_final_norm:
             x = Norm(cfg.norm_kind, unit_offset=cfg.norm_add_unit_offset, name="final_norm")(x)
         if return_hiddens:
             return x, hiddens

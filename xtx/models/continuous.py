@@ -5,6 +5,9 @@ frames): ``Linear(dim_in, dim)`` (no bias) -> absolute positions ``P[t] * dim**-
 optional post-embedding norm -> memory tokens -> dropout -> stack (with its final norm)
 -> ``Linear(dim, dim_out)`` (no bias). With ``probabilistic=True`` the output is
 ``stack(mean, variance)`` of a diagonal Gaussian. Memory tokens: 2006.11527.
+Transformer-XL memories (1901.02860): ``mems=`` in, ``return_mems=True`` out; unlike
+``TransformerWrapper``, x-transformers builds the next memories from this segment's
+hiddens alone (the old memories are not prepended), and so does this port.
 
 Shapes: x ``[B, T, dim_in]``, mask ``[B, T]``, output ``[B, T, dim_out]`` (``[2, B, T,
 dim_out]`` when probabilistic).
@@ -19,12 +22,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from xtx.config import Config, check_not_yet
+from xtx.config import Config
 from xtx.layers.base import EMBED, ConfiguredMeta, Projection, dropout
 from xtx.layers.embedding import PositionalEmbedding
 from xtx.layers.norms import Norm
 from xtx.layers.transformer import AttentionLayers, AttentionLayersConfig
-from xtx.models.transformer_wrapper import wrapper_config
+from xtx.models.transformer_wrapper import (
+    next_xl_memories,
+    require_dropout_rng,
+    wrapper_config,
+)
 
 Array = jax.Array
 
@@ -48,7 +55,8 @@ class ContinuousConfig(Config):
     max_mem_len: int = 0
 
     def __post_init__(self):
-        check_not_yet(self, {"max_mem_len": 0})
+        if not isinstance(self.max_mem_len, int) or self.max_mem_len < 0:
+            raise ValueError(f"max_mem_len must be an int >= 0, got {self.max_mem_len!r}")
         if self.probabilistic and self.dim_out is None:
             raise ValueError("probabilistic=True needs dim_out")
         if not 0.0 <= self.emb_dropout < 1.0:
@@ -99,10 +107,34 @@ class ContinuousTransformerWrapper(nn.Module, metaclass=ConfiguredMeta):
         lens: Array | None = None,
         context: Array | None = None,
         context_mask: Array | None = None,
+        mems: tuple[Array, ...] | list[Array] | None = None,
+        mem_masks: tuple[Array | None, ...] | list[Array | None] | None = None,
+        return_mems: bool = False,
         return_embeddings: bool = False,
         deterministic: bool = True,
-    ) -> Array:
+    ) -> Any:
+        """Runs the model.
+
+        Args:
+          x: ``[B, T, dim_in]`` (``[B, T, dim]`` without ``project_in``).
+          mask: ``[B, T]`` bool, False at padding (or give ``lens``).
+          lens: ``[B]`` sequence lengths.
+          context: ``[B, S, D]`` for a cross-attending stack.
+          context_mask: ``[B, S]`` bool.
+          mems: Transformer-XL memories, a tuple of ``[B, M, D]`` arrays (one per
+            self-attention layer) from the previous segment; None on the first.
+          mem_masks: per-layer ``[B, M]`` bool masks over ``mems``.
+          return_mems: also return the next memories: per self-attention layer the last
+            ``max_mem_len`` rows of its input hidden ``[B, min(T, max_mem_len), D]``,
+            gradient-stopped (x-transformers does not prepend the old memories here).
+          return_embeddings: return the final-normed hiddens.
+          deterministic: disable dropout (pass ``rngs={"dropout": key}`` when False).
+
+        Returns:
+          ``[B, T, dim_out]`` (see the module docstring), or ``(that, new_mems)``.
+        """
         cfg = self.config
+        require_dropout_rng(self, deterministic)
         dim = cfg.attn_layers.dim
         x = jnp.asarray(x)
         expected_in = cfg.dim_in if cfg.has_project_in else dim
@@ -139,8 +171,19 @@ class ContinuousTransformerWrapper(nn.Module, metaclass=ConfiguredMeta):
                 mask = jnp.concatenate([jnp.ones((B, M), bool), mask], axis=1)
         x = dropout(self, x, cfg.emb_dropout, deterministic)
         x = AttentionLayers(cfg.attn_layers, name="attn_layers")(
-            x, mask=mask, context=context, context_mask=context_mask, deterministic=deterministic
+            x,
+            mask=mask,
+            context=context,
+            context_mask=context_mask,
+            mems=mems,
+            mem_masks=mem_masks,
+            return_hiddens=return_mems,
+            deterministic=deterministic,
         )
+        new_mems = None
+        if return_mems:
+            x, hiddens = x
+            new_mems = next_xl_memories(None, hiddens, cfg.max_mem_len)
         x = x[:, M:]
         if cfg.average_pool_embed:
             if orig_mask is None:
@@ -148,11 +191,10 @@ class ContinuousTransformerWrapper(nn.Module, metaclass=ConfiguredMeta):
             else:
                 w = orig_mask[..., None].astype(x.dtype)
                 x = (x * w).sum(1) / jnp.maximum(w.sum(1), 1e-5)
-        if return_embeddings:
-            return x
-        if cfg.has_project_out:
-            x = Projection((cfg.project_out_dim,), (dim,), (EMBED, None), name="project_out")(x)
-        if cfg.probabilistic:
-            mean, log_var = x[..., 0::2], x[..., 1::2]
-            return jnp.stack([mean, jnp.exp(log_var)])
-        return x
+        if not return_embeddings:
+            if cfg.has_project_out:
+                x = Projection((cfg.project_out_dim,), (dim,), (EMBED, None), name="project_out")(x)
+            if cfg.probabilistic:
+                mean, log_var = x[..., 0::2], x[..., 1::2]
+                x = jnp.stack([mean, jnp.exp(log_var)])
+        return (x, new_mems) if return_mems else x

@@ -2,7 +2,9 @@
 
 The x-transformers language-model wrapper (GPT-like with a ``Decoder``, BERT-like with
 an ``Encoder``). Memory tokens: arXiv 2006.11527; tied embeddings: 1608.05859;
-l2-normalised embeddings: 1910.05895.
+l2-normalised embeddings: 1910.05895; Transformer-XL recurrence: 1901.02860 (memories
+are an explicit tuple passed in with ``mems=`` and returned with ``return_mems=True``);
+enhanced recurrence (``shift_mem_down``): 2012.15688.
 
 Shapes: tokens ``[B, T]`` int, embeddings ``[B, T, D]``, logits ``[B, T, V]``.
 
@@ -20,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from xtx.config import Config, check_not_yet, field_names, unknown_keyword_error
+from xtx.config import Config, field_names, unknown_keyword_error
 from xtx.layers.base import EMBED, VOCAB, ConfiguredMeta, Projection, dropout
 from xtx.layers.embedding import PositionalEmbedding, TokenEmbedding
 from xtx.layers.norms import Norm
@@ -79,7 +81,10 @@ class TransformerWrapperConfig(Config):
     shift_mem_down: int = 0
 
     def __post_init__(self):
-        check_not_yet(self, {"max_mem_len": 0, "shift_mem_down": 0})
+        if not isinstance(self.max_mem_len, int) or self.max_mem_len < 0:
+            raise ValueError(f"max_mem_len must be an int >= 0, got {self.max_mem_len!r}")
+        if not isinstance(self.shift_mem_down, int) or self.shift_mem_down < 0:
+            raise ValueError(f"shift_mem_down must be an int >= 0, got {self.shift_mem_down!r}")
         if not isinstance(self.num_tokens, int) or self.num_tokens <= 0:
             raise ValueError(f"num_tokens must be a positive int, got {self.num_tokens!r}")
         if not isinstance(self.max_seq_len, int) or self.max_seq_len < 0:
@@ -170,6 +175,7 @@ class TransformerWrapper(nn.Module, metaclass=ConfiguredMeta):
     def embed(self, x: Array, *, deterministic: bool = True) -> Array:
         """Token ids ``[B, T]`` -> input embeddings ``[B, T, D]`` (before memory tokens)."""
         cfg = self.config
+        require_dropout_rng(self, deterministic)
         T = x.shape[1]
         tok = self.token_emb(x)
         if cfg.l2norm_embed:
@@ -193,10 +199,14 @@ class TransformerWrapper(nn.Module, metaclass=ConfiguredMeta):
         context_mask: Array | None = None,
         attn_mask: Array | None = None,
         self_attn_kv_mask: Array | None = None,
+        mems: tuple[Array, ...] | list[Array] | None = None,
+        mem_masks: tuple[Array | None, ...] | list[Array | None] | None = None,
+        return_mems: bool = False,
+        detach_mems: bool = True,
         return_embeddings: bool = False,
         return_logits_and_embeddings: bool = False,
         deterministic: bool = True,
-    ) -> Array | tuple[Array, Array]:
+    ) -> Any:
         """Runs the model.
 
         Args:
@@ -206,12 +216,20 @@ class TransformerWrapper(nn.Module, metaclass=ConfiguredMeta):
           context_mask: ``[B, S]`` bool.
           attn_mask: extra bool attention mask ``[T, T]``, ``[N, T, T]`` or ``[B, N, T, T]``.
           self_attn_kv_mask: ``[B, T]`` key-only mask for self-attention.
+          mems: Transformer-XL memories from the previous segment, a tuple of ``[B, M, D]``
+            arrays (one per self-attention layer, as returned with ``return_mems``); None
+            on the first segment.
+          mem_masks: per-layer ``[B, M]`` bool masks over ``mems`` (False: not attended).
+          return_mems: also return the memories for the next segment.
+          detach_mems: stop gradients through the returned memories (x-transformers'
+            default).
           return_embeddings: return the final-normed hiddens ``[B, T, D]``.
           return_logits_and_embeddings: return ``(logits, embeddings)``.
           deterministic: disable dropout (pass ``rngs={"dropout": key}`` when False).
 
         Returns:
-          logits ``[B, T, V]`` (or embeddings, or both).
+          logits ``[B, T, V]`` (or embeddings, or both); with ``return_mems`` the pair
+          ``(that, new_mems)``, see ``next_xl_memories``.
         """
         cfg = self.config
         x = jnp.asarray(x)
@@ -238,6 +256,12 @@ class TransformerWrapper(nn.Module, metaclass=ConfiguredMeta):
                 )
             if attn_mask is not None:
                 raise ValueError("attn_mask together with num_memory_tokens is not supported")
+        if cfg.shift_mem_down and isinstance(mems, tuple | list):
+            # Enhanced recurrence (2012.15688): layer l reads the memory of layer l + s, so
+            # higher-level hiddens reach lower layers. Slicing as x-transformers does: a
+            # shift of at least the layer count leaves the order unchanged.
+            s = cfg.shift_mem_down
+            mems = (*mems[s:], *mems[:s])
         h = self.attn_layers(
             h,
             context=context,
@@ -245,15 +269,24 @@ class TransformerWrapper(nn.Module, metaclass=ConfiguredMeta):
             context_mask=context_mask,
             attn_mask=attn_mask,
             self_attn_kv_mask=self_attn_kv_mask,
+            mems=mems,
+            mem_masks=mem_masks,
+            return_hiddens=return_mems,
             deterministic=deterministic,
         )
+        if return_mems:
+            h, hiddens = h
         h = h[:, M:]
         if return_embeddings or cfg.return_only_embed:
-            return h
-        logits = self.logits(h)
-        if return_logits_and_embeddings:
-            return logits, h
-        return logits
+            out = h
+        elif return_logits_and_embeddings:
+            out = (self.logits(h), h)
+        else:
+            out = self.logits(h)
+        if return_mems:
+            new_mems = next_xl_memories(mems, hiddens, cfg.max_mem_len, detach=detach_mems)
+            return out, new_mems
+        return out
 
     def logits(self, h: Array) -> Array:
         """Final hiddens ``[B, T, D]`` -> logits ``[B, T, V]``."""
@@ -263,6 +296,67 @@ class TransformerWrapper(nn.Module, metaclass=ConfiguredMeta):
             scale = cfg.dim**-0.5 if scale is None else scale
             return self.token_emb.attend(h) * scale
         return self.to_logits(h)
+
+
+def next_xl_memories(
+    mems: tuple[Array, ...] | list[Array] | None,
+    hiddens: list[Array],
+    max_mem_len: int,
+    *,
+    detach: bool = True,
+) -> tuple[Array, ...]:
+    """Transformer-XL memories for the next segment (1901.02860).
+
+    Per self-attention layer: the last ``max_mem_len`` rows of ``[old memory; the layer's
+    input hidden]`` (memory tokens included), ``[B, min(M + T, max_mem_len), D]``. Once
+    the memory is full its shape stays ``[B, max_mem_len, D]``, so a jitted step fed its
+    own memories stops retracing (from the second segment on when segments have at least
+    ``max_mem_len`` tokens). ``max_mem_len=0`` gives empty ``[B, 0, D]`` memories, as
+    x-transformers 2.27+ does (2.26 returned them untruncated).
+
+    Args:
+      mems: the memories the stack read (after ``shift_mem_down``), or None.
+      hiddens: the input hidden ``[B, T, D]`` of each self-attention layer.
+      max_mem_len: rows to keep.
+      detach: wrap in ``jax.lax.stop_gradient``.
+
+    Returns:
+      a tuple with one ``[B, M', D]`` array per self-attention layer.
+    """
+    if mems is not None:
+        hiddens = [jnp.concatenate([m, h], axis=1) for m, h in zip(mems, hiddens, strict=True)]
+    new_mems = tuple(h[:, h.shape[1] - min(max_mem_len, h.shape[1]) :] for h in hiddens)
+    if detach:
+        new_mems = tuple(jax.lax.stop_gradient(m) for m in new_mems)
+    return new_mems
+
+
+def dropout_rates(config: Any, prefix: str = "") -> dict[str, float]:
+    """Every non-zero ``*dropout*`` rate in a (nested) config, by dotted field name."""
+    rates = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            rates.update(dropout_rates(value, f"{prefix}{f.name}."))
+        elif "dropout" in f.name and isinstance(value, int | float) and value > 0:
+            rates[f"{prefix}{f.name}"] = value
+    return rates
+
+
+def require_dropout_rng(module: nn.Module, deterministic: bool) -> None:
+    """Raises a ValueError naming the dropout rates when they would need a missing RNG.
+
+    Flax falls back to the ``'params'`` stream (as in ``init``), so that one counts too.
+    """
+    if deterministic or module.has_rng("dropout") or module.has_rng("params"):
+        return
+    rates = dropout_rates(module.config)
+    if rates:
+        listed = ", ".join(f"{k}={v}" for k, v in rates.items())
+        raise ValueError(
+            f"deterministic=False samples dropout ({listed}): pass "
+            "rngs={'dropout': key} to apply, or deterministic=True"
+        )
 
 
 def _checked_token_ids(x: Array, num_tokens: int) -> Array:

@@ -8,11 +8,16 @@ from xtx.ops.attention import (
     attention_logits,
     attention_output,
     available_backends,
+    keep_top_k,
     mask_value,
+    mix_heads,
+    normalize_logits,
     reference_attention,
     register_backend,
+    softclamp,
 )
 from xtx.ops.blockwise import blockwise_attention
+from xtx.ops.entmax import entmax15
 from xtx.ops.losses import autoregressive_loss, cross_entropy
 from xtx.ops.masks import AttentionMask, pad_keys
 from xtx.ops.norms import l2_normalize, layer_norm, rms_norm, scale_norm
@@ -27,6 +32,7 @@ from xtx.ops.positional import (
     t5_relative_position_bucket,
     xpos_scale,
 )
+from xtx.ops.token_shift import shift_tokens
 
 register_backend("blockwise", blockwise_attention)
 
@@ -42,9 +48,13 @@ __all__ = [
     "available_backends",
     "blockwise_attention",
     "cross_entropy",
+    "entmax15",
+    "keep_top_k",
     "l2_normalize",
     "layer_norm",
     "mask_value",
+    "mix_heads",
+    "normalize_logits",
     "pad_keys",
     "reference_attention",
     "register_backend",
@@ -52,7 +62,9 @@ __all__ = [
     "rotary_angles",
     "rotary_inv_freq",
     "scale_norm",
+    "shift_tokens",
     "sinusoidal_embedding",
+    "softclamp",
     "t5_position_bias",
     "t5_relative_position_bucket",
     "xpos_scale",

@@ -17,6 +17,15 @@ the Llama-style consecutive grouping).
 
 Shapes: q ``[B, T, N, H]``, k and v ``[B, S, K, H]``, output ``[B, T, N, H]``.
 ``bias`` broadcasts to ``[B, N, T, S]`` and is added to the scaled logits.
+
+Logit and probability extras (reference backend only), in x-transformers 2.31 order:
+scaled logits ``+ prev_logits`` (residual attention, RealFormer 2012.11747), ``S + W·S``
+(pre-softmax talking heads, 2003.02436), ``+ bias``, ``tanh(S/c)·c`` (logit softclamp),
+masks; these are the ``logits`` that ``return_logits`` hands back. Then the normaliser:
+softmax, 1.5-entmax (1909.00015) or hard one-hot attention with a straight-through
+softmax gradient, optionally restricted to the ``sparse_topk`` largest logits of each row
+(explicit sparse attention, 1912.11637); then dropout, then ``W·A`` (post-softmax
+talking heads), then ``A·V``.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from xtx.ops.entmax import entmax15
 from xtx.ops.masks import AttentionMask
 
 Array = jax.Array
@@ -67,6 +77,19 @@ def _check_shapes(q: Array, k: Array, v: Array) -> None:
         )
 
 
+def softclamp(x: Array, value: float) -> Array:
+    """``tanh(x / value) * value``: a smooth clamp of ``x`` to ``(-value, value)``."""
+    return jnp.tanh(x / value) * value
+
+
+def mix_heads(scores: Array, weight: Array) -> Array:
+    """Talking heads: ``out[:, g] = sum_h weight[h, g] * scores[:, h]`` over ``[B, N, T, S]``.
+
+    ``weight`` is ``[N_in, N_out]`` (x-transformers' 1x1 ``Conv2d`` weight, transposed).
+    """
+    return jnp.einsum("bhts,hg->bgts", scores, weight.astype(scores.dtype))
+
+
 def attention_logits(
     q: Array,
     k: Array,
@@ -74,8 +97,15 @@ def attention_logits(
     mask: AttentionMask | None = None,
     bias: Array | None = None,
     scale: float | None = None,
+    prev_logits: Array | None = None,
+    pre_talking_heads: Array | None = None,
+    logit_softclamp: float | None = None,
 ) -> tuple[Array, Array | None]:
-    """Masked, biased, scaled logits in float32: ``[B, N, T, S]`` and the dense mask."""
+    """Masked, biased, scaled logits in float32: ``[B, N, T, S]`` and the dense mask.
+
+    ``prev_logits``, ``pre_talking_heads`` and ``logit_softclamp`` are the extras of
+    ``attention`` (see there); they are applied in x-transformers 2.31 order.
+    """
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
     scale = H**-0.5 if scale is None else scale
@@ -83,8 +113,15 @@ def attention_logits(
     qg = q.reshape(B, T, N // K, K, H)
     logits = jnp.einsum("btgkh,bskh->bgkts", qg, k, preferred_element_type=jnp.float32)
     logits = logits.reshape(B, N, T, S) * scale
+    if prev_logits is not None:
+        logits = logits + prev_logits.astype(jnp.float32)
+    if pre_talking_heads is not None:
+        # Residual form: identity-initialised weights double the logits at init.
+        logits = logits + mix_heads(logits, pre_talking_heads)
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
+    if logit_softclamp is not None:
+        logits = softclamp(logits, logit_softclamp)
     dense = None if mask is None else mask.dense(T, S)
     if dense is not None:
         logits = jnp.where(dense, logits, mask_value(jnp.float32))
@@ -112,6 +149,62 @@ def dropout_probs(probs: Array, rate: float, rng: Array | None) -> Array:
     return jnp.where(keep, probs / (1.0 - rate), jnp.zeros((), probs.dtype))
 
 
+NORMALIZERS = ("softmax", "entmax15", "hard")
+
+
+def keep_top_k(logits: Array, k: int) -> Array:
+    """Masks every logit below the k-th largest of its row (ties are kept).
+
+    Masked entries (``-finfo.max``) stay masked even when fewer than k keys are visible.
+    With ``k >= S`` every key is kept (x-transformers 2.31 raises there; the seed skipped
+    the top-k step, which is the same thing).
+    """
+    if k >= logits.shape[-1]:
+        return logits
+    fill = mask_value(logits.dtype)
+    kth = jax.lax.top_k(logits, k)[0][..., -1:]
+    return jnp.where((logits >= kth) & (logits > fill), logits, fill)
+
+
+def normalize_logits(
+    logits: Array,
+    normalizer: str = "softmax",
+    *,
+    sparse_topk: int | None = None,
+    sparse_topk_straight_through: bool = False,
+) -> Array:
+    """Attention probabilities from masked logits ``[..., S]`` along the last axis.
+
+    Args:
+      logits: masked logits (masked entries hold ``-finfo.max``).
+      normalizer: ``"softmax"``, ``"entmax15"`` (sparse, 1909.00015) or ``"hard"``
+        (one-hot at the row's argmax forward, softmax gradient backward).
+      sparse_topk: normalise over the k largest logits of each row only.
+      sparse_topk_straight_through: forward as ``sparse_topk``, gradient of the dense
+        normaliser (2505.22074); ignored without ``sparse_topk``.
+
+    Returns:
+      Probabilities with the shape and dtype of ``logits``.
+    """
+
+    def dense(x: Array) -> Array:
+        if normalizer == "softmax":
+            return jax.nn.softmax(x, axis=-1)
+        if normalizer == "entmax15":
+            return entmax15(x, axis=-1)
+        soft = jax.nn.softmax(x, axis=-1)
+        one_hot = jax.nn.one_hot(jnp.argmax(x, axis=-1), x.shape[-1], dtype=x.dtype)
+        return one_hot + soft - jax.lax.stop_gradient(soft)
+
+    if sparse_topk is None:
+        return dense(logits)
+    probs = dense(keep_top_k(logits, sparse_topk))
+    if not sparse_topk_straight_through:
+        return probs
+    full = dense(logits)
+    return jax.lax.stop_gradient(probs) + full - jax.lax.stop_gradient(full)
+
+
 def reference_attention(
     q: Array,
     k: Array,
@@ -122,15 +215,94 @@ def reference_attention(
     scale: float | None = None,
     dropout_rate: float = 0.0,
     dropout_rng: Array | None = None,
-) -> Array:
-    """Einsum attention that materialises the ``[B, N, T, S]`` score matrix."""
-    logits, dense = attention_logits(q, k, mask=mask, bias=bias, scale=scale)
-    probs = jax.nn.softmax(logits, axis=-1)
+    prev_logits: Array | None = None,
+    pre_talking_heads: Array | None = None,
+    post_talking_heads: Array | None = None,
+    logit_softclamp: float | None = None,
+    sparse_topk: int | None = None,
+    sparse_topk_straight_through: bool = False,
+    normalizer: str = "softmax",
+    return_logits: bool = False,
+) -> Array | tuple[Array, Array]:
+    """Einsum attention that materialises the ``[B, N, T, S]`` score matrix.
+
+    Takes every argument of ``attention`` but ``implementation``; returns
+    ``(out, logits)`` when ``return_logits``.
+    """
+    logits, dense = attention_logits(
+        q,
+        k,
+        mask=mask,
+        bias=bias,
+        scale=scale,
+        prev_logits=prev_logits,
+        pre_talking_heads=pre_talking_heads,
+        logit_softclamp=logit_softclamp,
+    )
+    probs = normalize_logits(
+        logits,
+        normalizer,
+        sparse_topk=sparse_topk,
+        sparse_topk_straight_through=sparse_topk_straight_through,
+    )
     probs = dropout_probs(probs, dropout_rate, dropout_rng)
-    return attention_output(probs, v, dense)
+    if post_talking_heads is not None:
+        probs = mix_heads(probs, post_talking_heads)
+    out = attention_output(probs, v, dense)
+    return (out, logits) if return_logits else out
 
 
 register_backend("reference", reference_attention)
+
+
+def _check_extras(
+    q: Array,
+    k: Array,
+    *,
+    prev_logits: Array | None,
+    pre_talking_heads: Array | None,
+    post_talking_heads: Array | None,
+    logit_softclamp: float | None,
+    sparse_topk: int | None,
+    sparse_topk_straight_through: bool,
+    normalizer: str,
+    return_logits: bool,
+) -> bool:
+    """Validates the extras of ``attention``; True when any of them is in use."""
+    B, T, N, _ = q.shape
+    S = k.shape[1]
+    if normalizer not in NORMALIZERS:
+        raise ValueError(f"normalizer must be one of {NORMALIZERS}, got {normalizer!r}")
+    if sparse_topk is not None:
+        if isinstance(sparse_topk, bool) or not isinstance(sparse_topk, int) or sparse_topk < 1:
+            raise ValueError(f"sparse_topk must be a positive int or None, got {sparse_topk!r}")
+        if normalizer == "hard":
+            raise ValueError("sparse_topk and normalizer='hard' exclude each other; pick one")
+    elif sparse_topk_straight_through:
+        raise ValueError("sparse_topk_straight_through=True needs sparse_topk")
+    if logit_softclamp is not None and not logit_softclamp > 0:
+        raise ValueError(f"logit_softclamp must be > 0, got {logit_softclamp!r}")
+    heads = {"pre_talking_heads": pre_talking_heads, "post_talking_heads": post_talking_heads}
+    for name, w in heads.items():
+        if w is not None and tuple(w.shape) != (N, N):
+            raise ValueError(f"{name} must have shape [N, N] = {(N, N)}, got {tuple(w.shape)}")
+    if prev_logits is not None:
+        try:
+            jnp.broadcast_shapes(prev_logits.shape, (B, N, T, S))
+        except ValueError:
+            raise ValueError(
+                f"prev_logits must broadcast to [B, N, T, S] = {(B, N, T, S)}, "
+                f"got {prev_logits.shape}"
+            ) from None
+    return (
+        prev_logits is not None
+        or pre_talking_heads is not None
+        or post_talking_heads is not None
+        or logit_softclamp is not None
+        or sparse_topk is not None
+        or normalizer != "softmax"
+        or return_logits
+    )
 
 
 def attention(
@@ -144,7 +316,15 @@ def attention(
     dropout_rate: float = 0.0,
     dropout_rng: Array | None = None,
     implementation: str = "auto",
-) -> Array:
+    prev_logits: Array | None = None,
+    pre_talking_heads: Array | None = None,
+    post_talking_heads: Array | None = None,
+    logit_softclamp: float | None = None,
+    sparse_topk: int | None = None,
+    sparse_topk_straight_through: bool = False,
+    normalizer: str = "softmax",
+    return_logits: bool = False,
+) -> Array | tuple[Array, Array]:
     """Scaled dot-product attention.
 
     Args:
@@ -157,13 +337,58 @@ def attention(
       dropout_rate: dropout on the attention probabilities.
       dropout_rng: PRNG key, required when ``dropout_rate > 0``.
       implementation: ``"auto"`` or a registered backend name (``available_backends()``).
+      prev_logits: ``[B, N, T, S]`` logits of the previous layer, added right after
+        scaling (residual attention, 2012.11747).
+      pre_talking_heads: ``[N, N]`` head-mixing weight (``[in, out]``) applied to the
+        logits in residual form ``S + W·S``, before ``bias`` (2003.02436).
+      post_talking_heads: ``[N, N]`` head-mixing weight applied to the probabilities
+        after dropout: ``A <- W·A``.
+      logit_softclamp: clamp the biased logits to ``(-c, c)`` with ``tanh(S/c)·c``
+        before masking.
+      sparse_topk: attend to the k largest logits of each row only (1912.11637); every
+        key when ``k >= S``.
+      sparse_topk_straight_through: with ``sparse_topk``: the gradient of the dense
+        normaliser.
+      normalizer: ``"softmax"``, ``"entmax15"`` or ``"hard"`` (see ``normalize_logits``).
+      return_logits: also return the final pre-normaliser logits ``[B, N, T, S]``
+        (float32, masked), the ``prev_logits`` of the next layer.
+
+    The extras (every argument after ``implementation``) run on the reference backend.
 
     Returns:
-      ``[B, T, N, H]`` in the dtype of ``v``.
+      ``[B, T, N, H]`` in the dtype of ``v``, and the logits when ``return_logits``.
     """
     _check_shapes(q, k, v)
     if mask is not None and not isinstance(mask, AttentionMask):
         raise TypeError(f"mask must be an xtx.ops.AttentionMask, got {type(mask).__name__}")
+    extras = dict(
+        prev_logits=prev_logits,
+        pre_talking_heads=pre_talking_heads,
+        post_talking_heads=post_talking_heads,
+        logit_softclamp=logit_softclamp,
+        sparse_topk=sparse_topk,
+        sparse_topk_straight_through=sparse_topk_straight_through,
+        normalizer=normalizer,
+        return_logits=return_logits,
+    )
+    if _check_extras(q, k, **extras):
+        if implementation not in ("auto", "reference"):
+            raise ValueError(
+                f"implementation={implementation!r} does not support the logit/probability "
+                "extras (prev_logits, talking heads, logit_softclamp, sparse_topk, "
+                "normalizer, return_logits); use 'auto' or 'reference'"
+            )
+        return reference_attention(
+            q,
+            k,
+            v,
+            mask=mask,
+            bias=bias,
+            scale=scale,
+            dropout_rate=dropout_rate,
+            dropout_rng=dropout_rng,
+            **extras,
+        )
     name = "reference" if implementation == "auto" else implementation
     if name not in _BACKENDS:
         raise ValueError(
