@@ -143,16 +143,3 @@ def split_prefixed(kwargs: dict[str, Any], prefix: str) -> tuple[dict[str, Any],
     matched = {k[len(prefix) :]: v for k, v in kwargs.items() if k.startswith(prefix)}
     rest = {k: v for k, v in kwargs.items() if not k.startswith(prefix)}
     return matched, rest
-
-
-def check_not_yet(config: Any, pending: dict[str, Any], prefix: str = "") -> None:
-    """Raises for options that are declared but whose implementation has not landed.
-
-    ``pending`` maps field name -> its default. Keeping the keyword declared (rather than
-    unknown) lets the error say what is missing instead of suggesting a spelling.
-    """
-    for name, default in pending.items():
-        if getattr(config, name) != default:
-            raise NotImplementedError(
-                f"{prefix}{name} is not implemented in xtx yet (tracked in the issues)"
-            )

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from xtx.layers.transformer import AttentionLayersConfig
+from xtx.layers.stack_config import AttentionLayersConfig
 from xtx.models.continuous import ContinuousConfig
 from xtx.models.transformer_wrapper import TransformerWrapperConfig
 from xtx.models.vit import ViTConfig

@@ -16,9 +16,9 @@ import flax.linen as nn
 import numpy as np
 
 from xtx.interop.layout import _fail
-from xtx.layers.attention import AttentionConfig
+from xtx.layers.attention_config import AttentionConfig
 from xtx.layers.feedforward import FeedForwardConfig
-from xtx.layers.transformer import AttentionLayersConfig
+from xtx.layers.stack_config import AttentionLayersConfig
 from xtx.models.continuous import ContinuousConfig, ContinuousTransformerWrapper
 from xtx.models.transformer_wrapper import TransformerWrapper, TransformerWrapperConfig
 from xtx.models.vit import ViTConfig, ViTransformerWrapper

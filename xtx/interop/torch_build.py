@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from xtx.layers.attention import AttentionConfig
+from xtx.layers.attention_config import AttentionConfig
 from xtx.layers.feedforward import FeedForwardConfig
-from xtx.layers.transformer import AttentionLayersConfig
+from xtx.layers.stack_config import AttentionLayersConfig
 from xtx.models.continuous import ContinuousConfig
 from xtx.models.transformer_wrapper import TransformerWrapperConfig
 from xtx.models.vit import ViTConfig

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from xtx.config import Config, split_prefixed, unknown_keyword_error
 from xtx.layers.base import ConfiguredMeta
 from xtx.layers.embedding import TokenEmbedding
-from xtx.layers.transformer import AttentionLayersConfig
+from xtx.layers.stack_config import AttentionLayersConfig
 from xtx.models.transformer_wrapper import TransformerWrapper, TransformerWrapperConfig
 from xtx.ops import autoregressive_loss
 
