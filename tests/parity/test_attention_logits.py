@@ -16,7 +16,7 @@ import pytest
 import torch
 import x_transformers as xt
 
-from tests.parity.test_parity import (
+from tests.parity.harness import (
     ATOL,
     HEADS,
     D,

@@ -22,29 +22,12 @@ import torch
 import x_transformers as xt
 from flax import traverse_util
 
+from tests.parity.harness import _perturb, _ragged_mask, _tokens
 from xtx import Decoder, Encoder, interop
 from xtx.layers.attention import Attention, AttentionConfig
 
 ATOL = 1e-4
 V, L, D, HEADS = 64, 16, 32, 4
-
-
-def _perturb(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Adds noise to every constant-initialised parameter."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.numel() == 1 or float(p.std()) == 0.0:
-                p.add_(0.3 * torch.randn(p.shape, generator=gen))
-    return model.eval()
-
-
-def _tokens(seed: int, batch: int = 2, length: int = 10) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, V, (batch, length)).astype(np.int64)
-
-
-def _ragged_mask(lengths, total) -> np.ndarray:
-    return np.arange(total)[None, :] < np.asarray(lengths)[:, None]
 
 
 def _assert_parity(model, args, kwargs=None, *, seed=0):

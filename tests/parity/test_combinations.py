@@ -4,7 +4,7 @@ import pytest
 import torch
 import x_transformers as xt
 
-from tests.parity.test_parity import _ragged_mask, _tokens, assert_parity
+from tests.parity.harness import _ragged_mask, _tokens, assert_parity
 
 COMBOS = {
     "rotary+gqa+qknorm+xl-wrapper": (

@@ -17,68 +17,19 @@ import torch
 import x_transformers as xt
 from flax import traverse_util
 
+from tests.parity.harness import (
+    ATOL,
+    HEADS,
+    D,
+    L,
+    V,
+    _ragged_mask,
+    _tokens,
+    _torch_call,
+    assert_parity,
+    wrapper,
+)
 from xtx import interop
-
-ATOL = 1e-4
-V, L, D, HEADS = 64, 16, 32, 4
-
-
-def _perturb(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("gamma", ".g")):
-                p.add_(0.3 * torch.randn(p.shape, generator=gen))
-    return model.eval()
-
-
-def _tokens(seed: int, batch: int = 2, length: int = 10, vocab: int = V) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, vocab, (batch, length)).astype(np.int64)
-
-
-def _ragged_mask(lengths, total) -> np.ndarray:
-    return np.arange(total)[None, :] < np.asarray(lengths)[:, None]
-
-
-def _torch_call(model, args, kwargs):
-    conv = lambda v: torch.from_numpy(v) if isinstance(v, np.ndarray) else v  # noqa: E731
-    with torch.no_grad():
-        out = model(*[conv(a) for a in args], **{k: conv(v) for k, v in kwargs.items()})
-    if isinstance(out, tuple):
-        return tuple(o.numpy() for o in out)
-    return out.numpy()
-
-
-def _jax_call(module, variables, args, kwargs):
-    conv = lambda v: jnp.asarray(v) if isinstance(v, np.ndarray) else v  # noqa: E731
-    out = module.apply(
-        variables, *[conv(a) for a in args], **{k: conv(v) for k, v in kwargs.items()}
-    )
-    if isinstance(out, tuple):
-        return tuple(np.asarray(o) for o in out)
-    return np.asarray(out)
-
-
-def assert_parity(model, args, kwargs=None, *, seed=0):
-    """Converts ``model`` and checks xtx == x-transformers on ``model(*args, **kwargs)``."""
-    kwargs = kwargs or {}
-    model = _perturb(model, seed)
-    module, variables = interop.from_x_transformers(model, verify=False)
-    expected = _torch_call(model, args, kwargs)
-    got = _jax_call(module, variables, args, kwargs)
-    for e, g in zip(
-        expected if isinstance(expected, tuple) else (expected,),
-        got if isinstance(got, tuple) else (got,),
-        strict=True,
-    ):
-        assert e.shape == g.shape
-        np.testing.assert_allclose(g, e, atol=ATOL, rtol=0)
-    return module, variables
-
-
-def wrapper(attn_layers, **kw):
-    return xt.TransformerWrapper(num_tokens=V, max_seq_len=L, attn_layers=attn_layers, **kw)
-
 
 # ----------------------------------------------------------------------------
 # The twelve configurations the core promises, plus the positional schemes and

@@ -20,11 +20,12 @@ import torch
 import x_transformers as xt
 from flax import traverse_util
 
-from tests.parity.test_parity import (
+from tests.parity.harness import (
     ATOL,
     HEADS,
     D,
     _jax_call,
+    _perturb,
     _ragged_mask,
     _tokens,
     _torch_call,
@@ -33,30 +34,6 @@ from tests.parity.test_parity import (
 from xtx import Decoder, Encoder, TransformerWrapper, interop
 from xtx.layers.transformer import AttentionLayersConfig
 from xtx.ops import layer_norm
-
-# Parameters initialised to constants: perturbed so that a wrong layout cannot hide.
-PERTURBED = (
-    "gamma",
-    ".g",
-    "residual_scale",
-    "static_alpha",
-    "static_beta",
-    "dynamic_alpha_fn",
-    "dynamic_alpha_scale",
-    "dynamic_beta_fn",
-    "dynamic_beta_scale",
-    "stream_emb",
-    ".2.norm.weight",
-)
-
-
-def _perturb(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(PERTURBED):
-                p.add_(0.3 * torch.randn(p.shape, generator=gen))
-    return model.eval()
 
 
 def _check(model, args, kwargs=None, *, seed=0):

@@ -19,20 +19,11 @@ import pytest
 import torch
 import x_transformers as xt
 
+from tests.parity.harness import _perturb
 from xtx import interop
 
 ATOL = 1e-4
 V, L, D, HEADS = 64, 16, 32, 4
-
-
-def _perturb(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Moves norm gains off their init, so unit-offset storage is exercised."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("gamma", ".g")):
-                p.add_(0.3 * torch.randn(p.shape, generator=gen))
-    return model.eval()
 
 
 def _check_segments(model, segments, *, seed=0, masks=None, mem_masks=None):
