@@ -190,7 +190,12 @@ def test_emb_dim_and_logits_dim():
     "kw",
     [
         {"rotary_pos_emb": True},
-        {"rotary_pos_emb": True, "rotary_emb_dim": 16, "rotary_base_rescale_factor": 2.0},
+        {
+            "rotary_pos_emb": True,
+            "rotary_emb_dim": 16,
+            "rotary_base_rescale_factor": 2.0,
+            "rotary_interpolation_factor": 2.0,
+        },
         {"rel_pos_bias": True},
         {"rel_pos_bias": True, "rel_pos_num_buckets": 8, "rel_pos_max_distance": 10},
         {"alibi_pos_bias": True},
