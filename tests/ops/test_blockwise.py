@@ -1,5 +1,7 @@
 """The blockwise (flash-style) kernel equals the einsum reference: values and gradients."""
 
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -76,3 +78,27 @@ def test_dispatch_and_unsupported(inputs):
         blockwise_attention(q, k, v, mask=AttentionMask(explicit=jnp.ones((T, S), bool)))
     with pytest.raises(ValueError, match="dropout"):
         blockwise_attention(q, k, v, dropout_rate=0.1, dropout_rng=jax.random.key(0))
+
+
+def test_auto_picks_blockwise_for_long_sequences_on_cpu(monkeypatch):
+    """``implementation="auto"``: blockwise from BLOCKWISE_MIN_LENGTH keys on CPU, the
+    reference below it or when the call needs what the kernel lacks."""
+    attention_module = sys.modules["xtx.ops.attention"]  # the package re-exports the function
+
+    calls = []
+    for name in ("reference", "blockwise"):
+        real = attention_module._BACKENDS[name]
+        monkeypatch.setitem(
+            attention_module._BACKENDS,
+            name,
+            lambda *a, _n=name, _f=real, **kw: calls.append(_n) or _f(*a, **kw),
+        )
+    n = attention_module.BLOCKWISE_MIN_LENGTH
+    long_q = jnp.zeros((1, n, 2, 4))
+    short_q = jnp.zeros((1, n - 1, 2, 4))
+    attention(long_q, long_q, long_q, mask=AttentionMask(causal=True))
+    attention(short_q, short_q, short_q, mask=AttentionMask(causal=True))
+    attention(long_q, long_q, long_q, dropout_rate=0.1, dropout_rng=jax.random.key(0))
+    explicit = AttentionMask(explicit=jnp.ones((n, n), bool))
+    attention(long_q, long_q, long_q, mask=explicit)
+    assert calls == ["blockwise", "reference", "reference", "reference"]

@@ -34,8 +34,6 @@ from xtx.ops.positional import (
 )
 from xtx.ops.token_shift import shift_tokens
 
-register_backend("blockwise", blockwise_attention)
-
 __all__ = [
     "AttentionMask",
     "alibi_bias",

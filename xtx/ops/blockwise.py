@@ -290,8 +290,8 @@ def blockwise_attention(
     scale: float | None = None,
     dropout_rate: float = 0.0,
     dropout_rng: Array | None = None,
-    block_q: int = 512,
-    block_k: int = 512,
+    block_q: int = 128,
+    block_k: int = 128,
 ) -> Array:
     """Attention over blocks with an online softmax; same results as the reference.
 
