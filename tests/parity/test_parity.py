@@ -241,7 +241,12 @@ def test_stack_options(kw):
 
 @pytest.mark.parametrize(
     "kw",
-    [{"post_emb_norm": True}, {"scaled_sinu_pos_emb": True}, {"l2norm_embed": True}],
+    [
+        {"post_emb_norm": True},
+        {"scaled_sinu_pos_emb": True},
+        {"l2norm_embed": True},
+        {"use_abs_pos_emb": False},
+    ],
     ids=lambda kw: next(iter(kw)),
 )
 def test_embedding_options(kw):
@@ -347,3 +352,17 @@ def test_verify_catches_a_silent_mismatch(monkeypatch):
     monkeypatch.setattr(interop, "params_from_state_dict", broken)
     with pytest.raises(AssertionError, match="disagrees"):
         interop.from_x_transformers(model)
+
+
+def test_flash_flag_and_custom_layers():
+    """attn_flash=True selects torch's fused kernel; xtx accepts it and gives the same
+    numbers. custom_layers lays out the sublayers by hand."""
+    torch.manual_seed(24)
+    model = wrapper(
+        xt.Decoder(
+            dim=D, heads=HEADS, attn_flash=True, custom_layers=("a", "a", "f", "a", "f", "f")
+        )
+    )
+    module, _ = assert_parity(model, (_tokens(24),), {"mask": _ragged_mask([10, 7], 10)})
+    assert module.config.attn_layers.attn.flash
+    assert module.config.attn_layers.layer_types == ("a", "a", "f", "a", "f", "f")
