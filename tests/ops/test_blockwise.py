@@ -7,7 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xtx.ops import AttentionMask, attention, reference_attention
+from xtx.ops import (
+    AttentionMask,
+    attention,
+    attention_logits,
+    attention_output,
+    reference_attention,
+)
 from xtx.ops.blockwise import blockwise_attention
 
 # Lengths that are not multiples of the blocks, keys longer than queries, GQA heads.
@@ -76,13 +82,13 @@ def test_dispatch_and_unsupported(inputs):
     )
     with pytest.raises(ValueError, match="explicit"):
         blockwise_attention(q, k, v, mask=AttentionMask(explicit=jnp.ones((T, S), bool)))
-    with pytest.raises(ValueError, match="dropout"):
-        blockwise_attention(q, k, v, dropout_rate=0.1, dropout_rng=jax.random.key(0))
+    with pytest.raises(ValueError, match="dropout_rng"):
+        blockwise_attention(q, k, v, dropout_rate=0.1)
 
 
 def test_auto_picks_blockwise_for_long_sequences_on_cpu(monkeypatch):
-    """``implementation="auto"``: blockwise from BLOCKWISE_MIN_LENGTH keys on CPU, the
-    reference below it or when the call needs what the kernel lacks."""
+    """``implementation="auto"``: blockwise from BLOCKWISE_MIN_LENGTH keys on CPU (with
+    dropout too), the reference below it or for a dense explicit mask."""
     attention_module = sys.modules["xtx.ops.attention"]  # the package re-exports the function
 
     calls = []
@@ -101,4 +107,49 @@ def test_auto_picks_blockwise_for_long_sequences_on_cpu(monkeypatch):
     attention(long_q, long_q, long_q, dropout_rate=0.1, dropout_rng=jax.random.key(0))
     explicit = AttentionMask(explicit=jnp.ones((n, n), bool))
     attention(long_q, long_q, long_q, mask=explicit)
-    assert calls == ["blockwise", "reference", "reference", "reference"]
+    assert calls == ["blockwise", "reference", "blockwise", "reference"]
+
+
+def test_dropout_is_exact_with_the_block_masks():
+    """Values and gradients equal dense attention whose probabilities are dropped with
+    the very masks the kernel draws: ``fold_in(rng, qi * n_kb + kj)`` per block."""
+    Bd, Td, Sd, Nd, Kd, Hd, blk, rate = 2, 32, 48, 4, 2, 8, 16, 0.3
+    ks = jax.random.split(jax.random.key(7), 4)
+    q = jax.random.normal(ks[0], (Bd, Td, Nd, Hd))
+    k = jax.random.normal(ks[1], (Bd, Sd, Kd, Hd))
+    v = jax.random.normal(ks[2], (Bd, Sd, Kd, Hd))
+    rng = jax.random.key(11)
+    mask = AttentionMask(causal=True)
+    n_kb, G = Sd // blk, Nd // Kd
+    rows = []
+    for qi in range(Td // blk):
+        row = [
+            jax.random.bernoulli(
+                jax.random.fold_in(rng, qi * n_kb + kj), 1.0 - rate, (Bd, Kd, G, blk, blk)
+            )
+            for kj in range(n_kb)
+        ]
+        rows.append(jnp.concatenate(row, axis=-1))
+    keep = jnp.concatenate(rows, axis=-2)  # [B, K, G, T, S]
+    keep = keep.transpose(0, 2, 1, 3, 4).reshape(Bd, Nd, Td, Sd)  # head n = g * K + k
+
+    def dense(q, k, v):
+        logits, allowed = attention_logits(q, k, mask=mask)
+        probs = jax.nn.softmax(logits, axis=-1) * keep / (1.0 - rate)
+        return attention_output(probs, v, allowed)
+
+    def kernel(q, k, v):
+        return blockwise_attention(
+            q, k, v, mask=mask, dropout_rate=rate, dropout_rng=rng, block_q=blk, block_k=blk
+        )
+
+    np.testing.assert_allclose(
+        np.asarray(jax.jit(kernel)(q, k, v)), np.asarray(dense(q, k, v)), atol=1e-5
+    )
+    ct = jax.random.normal(ks[3], q.shape)
+    g_dense = jax.grad(lambda *a: (dense(*a) * ct).sum(), argnums=(0, 1, 2))(q, k, v)
+    g_kernel = jax.jit(jax.grad(lambda *a: (kernel(*a) * ct).sum(), argnums=(0, 1, 2)))(q, k, v)
+    for gd, gk in zip(g_dense, g_kernel, strict=True):
+        np.testing.assert_allclose(np.asarray(gk), np.asarray(gd), atol=1e-5)
+    other = kernel(q, k, v)
+    np.testing.assert_array_equal(np.asarray(other), np.asarray(kernel(q, k, v)))

@@ -321,7 +321,7 @@ def _log_fallback_once(reason: str) -> None:
         logging.getLogger("xtx").info("xtx attention: using the reference backend: %s", reason)
 
 
-def _auto_backend(q: Array, k: Array, mask: AttentionMask | None, dropout_rate: float) -> str:
+def _auto_backend(q: Array, k: Array, mask: AttentionMask | None) -> str:
     """The backend ``implementation="auto"`` picks for this platform and call.
 
     CPU: the blockwise kernel once sequences are long enough for its blocks to pay off;
@@ -334,10 +334,8 @@ def _auto_backend(q: Array, k: Array, mask: AttentionMask | None, dropout_rate: 
         return "reference"
     if max(q.shape[1], k.shape[1]) < BLOCKWISE_MIN_LENGTH:
         return "reference"
-    if not blockwise_supported(mask, dropout_rate):
-        _log_fallback_once(
-            "the blockwise kernel takes neither attention dropout nor a dense explicit mask"
-        )
+    if not blockwise_supported(mask):
+        _log_fallback_once("the blockwise kernel takes no dense explicit mask")
         return "reference"
     return "blockwise"
 
@@ -426,7 +424,7 @@ def attention(
             dropout_rng=dropout_rng,
             **extras,
         )
-    name = _auto_backend(q, k, mask, dropout_rate) if implementation == "auto" else implementation
+    name = _auto_backend(q, k, mask) if implementation == "auto" else implementation
     if name not in _BACKENDS:
         raise ValueError(
             f"implementation must be one of {available_backends()}, got {implementation!r}"

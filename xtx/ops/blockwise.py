@@ -139,18 +139,30 @@ def _scores(qb, kb, scale, bias_b, keep):
     return jnp.where(keep, s, _NEG)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _flash(q, k, v, mask, bias, scale, bq, bk, shapes):
-    out, _ = _flash_fwd_impl(q, k, v, mask, bias, scale, bq, bk, shapes)
+def _dropout_scale(rng, rate, qi, kj, n_kb, shape):
+    """Keep-mask / (1 - rate) of one (query block, key block) pair, or None.
+
+    The mask of block (qi, kj) comes from ``fold_in(rng, qi * n_kb + kj)``, so the
+    backward pass regenerates exactly the mask the forward pass used.
+    """
+    if rate == 0.0:
+        return None
+    keep = jax.random.bernoulli(jax.random.fold_in(rng, qi * n_kb + kj), 1.0 - rate, shape)
+    return keep.astype(jnp.float32) / (1.0 - rate)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
+def _flash(q, k, v, mask, bias, rng, scale, bq, bk, shapes, rate):
+    out, _ = _flash_fwd_impl(q, k, v, mask, bias, rng, scale, bq, bk, shapes, rate)
     return out
 
 
-def _flash_fwd_impl(q, k, v, mask, bias, scale, bq, bk, shapes):
+def _flash_fwd_impl(q, k, v, mask, bias, rng, scale, bq, bk, shapes, rate):
     T, S = shapes
     K = k.shape[2]
     qh, kh, vh, kp, qseg, kseg, biasp = _prepare(q, k, v, mask, bias, bq, bk)
     B, _, G, Tp, H = qh.shape
-    n_qb = Tp // bq
+    n_qb, n_kb = Tp // bq, kh.shape[2] // bk
 
     def q_block(qi):
         qb = jax.lax.dynamic_slice_in_dim(qh, qi * bq, bq, axis=3)
@@ -166,7 +178,10 @@ def _flash_fwd_impl(q, k, v, mask, bias, scale, bq, bk, shapes):
             p = jnp.where(keep, jnp.exp(s - m_new[..., None]), 0.0)
             corr = jnp.exp(m - m_new)
             l = l * corr + p.sum(-1)
-            pv = jnp.einsum("bkgqs,bksh->bkgqh", p.astype(vb.dtype), vb)
+            # Dropout acts on the normalised probabilities: drop p, not the normaliser.
+            drop = _dropout_scale(rng, rate, qi, kj, n_kb, p.shape)
+            p_out = p if drop is None else p * drop
+            pv = jnp.einsum("bkgqs,bksh->bkgqh", p_out.astype(vb.dtype), vb)
             acc = acc * corr[..., None] + pv.astype(jnp.float32)
             return m_new, l, acc
 
@@ -187,13 +202,13 @@ def _flash_fwd_impl(q, k, v, mask, bias, scale, bq, bk, shapes):
     return _merge_heads(out).astype(v.dtype), lse
 
 
-def _flash_fwd(q, k, v, mask, bias, scale, bq, bk, shapes):
-    out, lse = _flash_fwd_impl(q, k, v, mask, bias, scale, bq, bk, shapes)
-    return out, (q, k, v, mask, bias, out, lse)
+def _flash_fwd(q, k, v, mask, bias, rng, scale, bq, bk, shapes, rate):
+    out, lse = _flash_fwd_impl(q, k, v, mask, bias, rng, scale, bq, bk, shapes, rate)
+    return out, (q, k, v, mask, bias, rng, out, lse)
 
 
-def _flash_bwd(scale, bq, bk, shapes, res, g):
-    q, k, v, mask, bias, out, lse = res
+def _flash_bwd(scale, bq, bk, shapes, rate, res, g):
+    q, k, v, mask, bias, rng, out, lse = res
     T, S = shapes
     K = k.shape[2]
     qh, kh, vh, kp, qseg, kseg, biasp = _prepare(q, k, v, mask, bias, bq, bk)
@@ -201,8 +216,9 @@ def _flash_bwd(scale, bq, bk, shapes, res, g):
     Sp = kh.shape[2]
     do = _pad_to(_split_heads(g, K), 3, bq).astype(jnp.float32)
     o = _pad_to(_split_heads(out, K), 3, bq).astype(jnp.float32)
+    # rowsum(dO * O) equals rowsum(P * dP) with or without dropout (O = drop(P) V).
     delta = jnp.sum(do * o, axis=-1)  # [B, K, G, Tp]
-    n_qb = Tp // bq
+    n_qb, n_kb = Tp // bq, Sp // bk
 
     def q_block(carry, qi):
         dk, dv, dbias = carry
@@ -219,8 +235,10 @@ def _flash_bwd(scale, bq, bk, shapes, res, g):
             keep = _block_mask(mask, T, S, qi, kj, bq, bk, kp, qseg, kseg)
             s = _scores(qb, kb, scale, _block_bias(biasp, qi, kj, bq, bk, K), keep)
             p = jnp.where(keep, jnp.exp(s - lseb[..., None]), 0.0)  # [B, K, G, bq, bk]
-            dv_b = jnp.einsum("bkgqs,bkgqh->bksh", p, dob)
+            drop = _dropout_scale(rng, rate, qi, kj, n_kb, p.shape)
+            dv_b = jnp.einsum("bkgqs,bkgqh->bksh", p if drop is None else p * drop, dob)
             dp = jnp.einsum("bkgqh,bksh->bkgqs", dob, vb.astype(jnp.float32))
+            dp = dp if drop is None else dp * drop
             ds = p * (dp - deltab[..., None])
             dq = dq + jnp.einsum("bkgqs,bksh->bkgqh", ds, kb.astype(jnp.float32)) * scale
             dk_b = jnp.einsum("bkgqs,bkgqh->bksh", ds, qb.astype(jnp.float32)) * scale
@@ -248,10 +266,10 @@ def _flash_bwd(scale, bq, bk, shapes, res, g):
     dv = dv[:, :, :S].transpose(0, 2, 1, 3).astype(v.dtype)
     # The mask holds ints and bools: no cotangent (None is JAX's symbolic zero).
     if bias is None:
-        return dq, dk, dv, None, None
+        return dq, dk, dv, None, None, None
     dbias = dbias[:, :, :T, :S]
     dbias = _sum_to_shape(dbias, bias.shape).astype(bias.dtype)
-    return dq, dk, dv, None, dbias
+    return dq, dk, dv, None, dbias, None
 
 
 def _accumulate_bias_grad(dbias, ds, qi, kj, bq, bk, K):
@@ -298,15 +316,19 @@ def blockwise_attention(
     Args:
       q, k, v, mask, bias, scale: as ``xtx.ops.attention``. ``mask.explicit`` is not
         supported here (a dense mask defeats the purpose): use the reference backend.
-      dropout_rate, dropout_rng: dropout is not implemented in this kernel yet;
-        ``dropout_rate`` must be 0.
+      dropout_rate, dropout_rng: dropout on the attention probabilities. Each
+        (query block, key block) draws its mask from ``fold_in(dropout_rng, index)``,
+        so results depend on the block sizes (they are not the reference backend's
+        draws; both are exact dropout with the same expectation).
       block_q, block_k: block sizes (clipped to the sequence lengths).
 
     Returns:
       ``[B, T, N, H]``.
     """
-    if dropout_rate > 0.0:
-        raise ValueError("the blockwise backend does not implement dropout; use 'reference'")
+    if not 0.0 <= dropout_rate < 1.0:
+        raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
+    if dropout_rate > 0.0 and dropout_rng is None:
+        raise ValueError("attention dropout_rate > 0 needs dropout_rng (or deterministic=True)")
     mask = AttentionMask() if mask is None else mask
     if mask.explicit is not None:
         raise ValueError("the blockwise backend takes no explicit dense mask; use 'reference'")
@@ -316,9 +338,10 @@ def blockwise_attention(
     bk = max(1, min(block_k, S))
     if bias is not None:
         bias = jnp.asarray(bias)
-    return _flash(q, k, v, mask, bias, float(scale), bq, bk, (T, S))
+    rng = dropout_rng if dropout_rate > 0.0 else None
+    return _flash(q, k, v, mask, bias, rng, float(scale), bq, bk, (T, S), float(dropout_rate))
 
 
-def blockwise_supported(mask: AttentionMask | None, dropout_rate: float) -> bool:
-    """Whether ``blockwise_attention`` handles this call."""
-    return dropout_rate == 0.0 and (mask is None or mask.explicit is None)
+def blockwise_supported(mask: AttentionMask | None) -> bool:
+    """Whether ``blockwise_attention`` handles this mask (no dense explicit mask)."""
+    return mask is None or mask.explicit is None
