@@ -39,6 +39,7 @@ import jax.numpy as jnp
 
 from xtx.ops.blockwise import blockwise_attention, blockwise_supported
 from xtx.ops.entmax import entmax15
+from xtx.ops.fused import cudnn_attention, xla_attention
 from xtx.ops.masks import AttentionMask
 
 Array = jax.Array
@@ -256,6 +257,8 @@ def reference_attention(
 
 register_backend("reference", reference_attention)
 register_backend("blockwise", blockwise_attention)
+register_backend("xla", xla_attention)
+register_backend("cudnn", cudnn_attention)
 
 
 def _check_extras(
@@ -321,14 +324,21 @@ def _log_fallback_once(reason: str) -> None:
         logging.getLogger("xtx").info("xtx attention: using the reference backend: %s", reason)
 
 
-def _auto_backend(q: Array, k: Array, mask: AttentionMask | None) -> str:
+def _auto_backend(q: Array, k: Array, mask: AttentionMask | None, dropout_rate: float) -> str:
     """The backend ``implementation="auto"`` picks for this platform and call.
 
     CPU: the blockwise kernel once sequences are long enough for its blocks to pay off;
-    the einsum reference otherwise. Other platforms: the reference until their fused
-    kernels (cuDNN, Pallas splash) are wired in; a one-time log line says why.
+    the einsum reference otherwise. NVIDIA GPU: cuDNN through
+    ``jax.nn.dot_product_attention`` for half-precision inputs without dropout. Other
+    platforms: the reference until their kernels (Pallas splash on TPU) are wired in.
+    Every fallback says why in a one-time log line.
     """
     platform = jax.default_backend()
+    if platform == "gpu":
+        if q.dtype in (jnp.bfloat16, jnp.float16) and dropout_rate == 0.0:
+            return "cudnn"
+        _log_fallback_once("cuDNN attention needs float16/bfloat16 inputs and no dropout")
+        return "reference"
     if platform != "cpu":
         _log_fallback_once(f"no fused attention kernel is wired for platform {platform!r} yet")
         return "reference"
@@ -424,7 +434,7 @@ def attention(
             dropout_rng=dropout_rng,
             **extras,
         )
-    name = _auto_backend(q, k, mask) if implementation == "auto" else implementation
+    name = _auto_backend(q, k, mask, dropout_rate) if implementation == "auto" else implementation
     if name not in _BACKENDS:
         raise ValueError(
             f"implementation must be one of {available_backends()}, got {implementation!r}"
