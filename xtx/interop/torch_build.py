@@ -90,7 +90,7 @@ def _torch_wrapper_kwargs(cfg: TransformerWrapperConfig) -> dict[str, Any]:
     kw: dict[str, Any] = dict(num_tokens=cfg.num_tokens, max_seq_len=cfg.max_seq_len)
     base = TransformerWrapperConfig(num_tokens=1, max_seq_len=1, attn_layers=cfg.attn_layers)
     for f in dataclasses.fields(cfg):
-        if f.name in ("num_tokens", "max_seq_len", "attn_layers", "check_token_ids"):
+        if f.name in ("num_tokens", "max_seq_len", "attn_layers", "check_token_ids", "dtype"):
             continue
         value = getattr(cfg, f.name)
         if value != getattr(base, f.name):

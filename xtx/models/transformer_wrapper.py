@@ -32,6 +32,11 @@ from xtx.ops import l2_normalize
 Array = jax.Array
 
 
+# Compute dtypes: parameters stay float32, attention logits/softmax and norms run in
+# float32, logits are returned in float32; matmuls and activations use ``dtype``.
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
 def wrapper_config(config_cls: type, owner: str, kwargs: dict[str, Any]) -> Any:
     """Builds a wrapper config from keywords: unknown ones are named, ``attn_layers`` is
     required and may be a module (``Decoder(...)``), a config or a dict."""
@@ -77,10 +82,13 @@ class TransformerWrapperConfig(Config):
     l2norm_embed: bool = False
     return_only_embed: bool = False
     check_token_ids: bool = False
+    dtype: str = "float32"
     max_mem_len: int = 0
     shift_mem_down: int = 0
 
     def __post_init__(self):
+        if self.dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"dtype must be one of {COMPUTE_DTYPES}, got {self.dtype!r}")
         if not isinstance(self.max_mem_len, int) or self.max_mem_len < 0:
             raise ValueError(f"max_mem_len must be an int >= 0, got {self.max_mem_len!r}")
         if not isinstance(self.shift_mem_down, int) or self.shift_mem_down < 0:
@@ -188,6 +196,7 @@ class TransformerWrapper(nn.Module, metaclass=ConfiguredMeta):
         h = dropout(self, h, cfg.emb_dropout, deterministic)
         if cfg.embed_dim != cfg.dim:
             h = self.project_emb(h)
+        h = h.astype(cfg.dtype)
         return h
 
     def __call__(
@@ -294,8 +303,8 @@ class TransformerWrapper(nn.Module, metaclass=ConfiguredMeta):
         if cfg.tie_embedding:
             scale = cfg.tie_embedding_scale
             scale = cfg.dim**-0.5 if scale is None else scale
-            return self.token_emb.attend(h) * scale
-        return self.to_logits(h)
+            return (self.token_emb.attend(h) * scale).astype(jnp.float32)
+        return self.to_logits(h).astype(jnp.float32)
 
 
 def next_xl_memories(

@@ -1,0 +1,52 @@
+"""Mixed precision: dtype="bfloat16" computes in bf16 with float32 parameters, float32
+attention softmax and norms, and float32 logits."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from xtx import Decoder, TransformerWrapper
+from xtx.ops import cross_entropy
+
+
+@pytest.fixture(scope="module")
+def models():
+    stack = Decoder(dim=32, depth=2, heads=4, rotary_pos_emb=True)
+    f32 = TransformerWrapper(num_tokens=64, max_seq_len=16, attn_layers=stack)
+    bf16 = TransformerWrapper(config=f32.config.replace(dtype="bfloat16"))
+    x = jax.random.randint(jax.random.key(0), (2, 16), 0, 64)
+    variables = f32.init(jax.random.key(1), x)
+    return f32, bf16, variables, x
+
+
+def test_bf16_follows_float32(models):
+    f32, bf16, variables, x = models
+    ref = f32.apply(variables, x)
+    got = bf16.apply(variables, x)
+    assert got.dtype == jnp.float32  # logits come back in float32
+    assert bf16.apply(variables, x, return_embeddings=True).dtype == jnp.bfloat16
+    # bf16 keeps ~3 significant digits: compare the distributions, not the last bits.
+    np.testing.assert_allclose(
+        np.asarray(jax.nn.softmax(got)), np.asarray(jax.nn.softmax(ref)), atol=2e-2
+    )
+    assert float(jnp.mean(jnp.argmax(got, -1) == jnp.argmax(ref, -1))) > 0.9
+
+
+def test_parameters_and_gradients_stay_float32(models):
+    _, bf16, variables, x = models
+    params = nn.meta.unbox(variables["params"])
+
+    def loss(p):
+        return cross_entropy(bf16.apply({"params": p}, x)[:, :-1], x[:, 1:])
+
+    grads = jax.grad(loss)(params)
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+
+
+def test_bad_dtype(models):
+    f32, *_ = models
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        f32.config.replace(dtype="float8")
