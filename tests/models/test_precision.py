@@ -50,3 +50,24 @@ def test_bad_dtype(models):
     f32, *_ = models
     with pytest.raises(ValueError, match="dtype must be one of"):
         f32.config.replace(dtype="float8")
+
+
+def test_vit_and_continuous_bf16():
+    from xtx import ContinuousTransformerWrapper, Encoder, ViTransformerWrapper
+
+    key = jax.random.key(2)
+    vit = ViTransformerWrapper(
+        image_size=8, patch_size=4, num_classes=5, attn_layers=Encoder(dim=32, depth=1, heads=4)
+    )
+    img = jax.random.normal(key, (2, 3, 8, 8))
+    cont = ContinuousTransformerWrapper(
+        dim_in=6, dim_out=3, max_seq_len=16, attn_layers=Encoder(dim=32, depth=1, heads=4)
+    )
+    seq = jax.random.normal(key, (2, 9, 6))
+    for model, inp in ((vit, img), (cont, seq)):
+        variables = model.init(key, inp)
+        low = type(model)(config=model.config.replace(dtype="bfloat16"))
+        ref, got = model.apply(variables, inp), low.apply(variables, inp)
+        assert got.dtype == jnp.float32
+        assert low.apply(variables, inp, return_embeddings=True).dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=0.1, rtol=0.05)

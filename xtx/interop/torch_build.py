@@ -110,12 +110,13 @@ def torch_model_from_config(config: Any) -> Any:
         kw = {
             f.name: getattr(config, f.name)
             for f in dataclasses.fields(config)
-            if f.name not in ("attn_layers", "channels_last")
+            if f.name not in ("attn_layers", "channels_last", "dtype")
         }
         return xt.ViTransformerWrapper(attn_layers=_torch_stack(config.attn_layers), **kw)
     if isinstance(config, ContinuousConfig):
         kw = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
         kw.pop("attn_layers")
+        kw.pop("dtype")
         return xt.ContinuousTransformerWrapper(attn_layers=_torch_stack(config.attn_layers), **kw)
     if isinstance(config, XTransformerConfig):
         kw: dict[str, Any] = dict(

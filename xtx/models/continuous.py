@@ -28,6 +28,7 @@ from xtx.layers.embedding import PositionalEmbedding
 from xtx.layers.norms import Norm
 from xtx.layers.transformer import AttentionLayers, AttentionLayersConfig
 from xtx.models.transformer_wrapper import (
+    COMPUTE_DTYPES,
     next_xl_memories,
     require_dropout_rng,
     wrapper_config,
@@ -53,8 +54,11 @@ class ContinuousConfig(Config):
     probabilistic: bool = False
     use_identity_if_same_dim: bool = False
     max_mem_len: int = 0
+    dtype: str = "float32"
 
     def __post_init__(self):
+        if self.dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"dtype must be one of {COMPUTE_DTYPES}, got {self.dtype!r}")
         if not isinstance(self.max_mem_len, int) or self.max_mem_len < 0:
             raise ValueError(f"max_mem_len must be an int >= 0, got {self.max_mem_len!r}")
         if self.probabilistic and self.dim_out is None:
@@ -169,7 +173,7 @@ class ContinuousTransformerWrapper(nn.Module, metaclass=ConfiguredMeta):
             x = jnp.concatenate([jnp.broadcast_to(mem[None], (B, M, dim)).astype(x.dtype), x], 1)
             if mask is not None:
                 mask = jnp.concatenate([jnp.ones((B, M), bool), mask], axis=1)
-        x = dropout(self, x, cfg.emb_dropout, deterministic)
+        x = dropout(self, x, cfg.emb_dropout, deterministic).astype(cfg.dtype)
         x = AttentionLayers(cfg.attn_layers, name="attn_layers")(
             x,
             mask=mask,
@@ -194,6 +198,7 @@ class ContinuousTransformerWrapper(nn.Module, metaclass=ConfiguredMeta):
         if not return_embeddings:
             if cfg.has_project_out:
                 x = Projection((cfg.project_out_dim,), (dim,), (EMBED, None), name="project_out")(x)
+            x = x.astype(jnp.float32)
             if cfg.probabilistic:
                 mean, log_var = x[..., 0::2], x[..., 1::2]
                 x = jnp.stack([mean, jnp.exp(log_var)])

@@ -22,7 +22,7 @@ from xtx.config import Config
 from xtx.layers.base import EMBED, ConfiguredMeta, Projection, dropout
 from xtx.layers.norms import Norm
 from xtx.layers.transformer import AttentionLayers, AttentionLayersConfig
-from xtx.models.transformer_wrapper import wrapper_config
+from xtx.models.transformer_wrapper import COMPUTE_DTYPES, wrapper_config
 
 Array = jax.Array
 
@@ -40,8 +40,11 @@ class ViTConfig(Config):
     num_register_tokens: int = 0
     emb_dropout: float = 0.0
     channels_last: bool = False
+    dtype: str = "float32"
 
     def __post_init__(self):
+        if self.dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"dtype must be one of {COMPUTE_DTYPES}, got {self.dtype!r}")
         if self.patch_size <= 0 or self.image_size % self.patch_size:
             raise ValueError(
                 f"image_size ({self.image_size}) must be divisible by patch_size "
@@ -111,7 +114,7 @@ class ViTransformerWrapper(nn.Module, metaclass=ConfiguredMeta):
         x = x + pos[None, : x.shape[1]].astype(x.dtype)
         if cfg.post_emb_norm:
             x = Norm("layernorm", name="post_emb_norm")(x)
-        x = dropout(self, x, cfg.emb_dropout, deterministic)
+        x = dropout(self, x, cfg.emb_dropout, deterministic).astype(cfg.dtype)
         R = cfg.num_register_tokens
         if R:
             reg = self.param(
@@ -127,7 +130,7 @@ class ViTransformerWrapper(nn.Module, metaclass=ConfiguredMeta):
             return embed
         logits = Projection(
             (cfg.num_classes,), (dim,), (EMBED, None), use_bias=True, name="mlp_head"
-        )(embed.mean(axis=1))
+        )(embed.mean(axis=1)).astype(jnp.float32)
         if return_logits_and_embeddings:
             return logits, embed
         return logits
