@@ -22,34 +22,19 @@ import torch
 import x_transformers as xt
 from flax import traverse_util
 
-from tests.parity.harness import _perturb, _ragged_mask, _tokens
+from tests.parity.harness import (
+    ATOL,
+    HEADS,
+    D,
+    V,
+    _perturb,
+    _ragged_mask,
+    _tokens,
+    assert_parity,
+    wrapper,
+)
 from xtx import Decoder, Encoder, interop
 from xtx.layers.attention import Attention, AttentionConfig
-
-ATOL = 1e-4
-V, L, D, HEADS = 64, 16, 32, 4
-
-
-def _assert_parity(model, args, kwargs=None, *, seed=0):
-    kwargs = kwargs or {}
-    model = _perturb(model, seed)
-    module, variables = interop.from_x_transformers(model, verify=False)
-    with torch.no_grad():
-        expected = model(
-            *[torch.from_numpy(a) for a in args],
-            **{k: torch.from_numpy(v) for k, v in kwargs.items()},
-        ).numpy()
-    got = module.apply(
-        variables, *[jnp.asarray(a) for a in args], **{k: jnp.asarray(v) for k, v in kwargs.items()}
-    )
-    assert got.shape == expected.shape
-    np.testing.assert_allclose(np.asarray(got), expected, atol=ATOL, rtol=0)
-    return module
-
-
-def _wrapper(attn_layers):
-    return xt.TransformerWrapper(num_tokens=V, max_seq_len=L, attn_layers=attn_layers)
-
 
 ALONE = {
     "qk_norm": {"attn_qk_norm": True},
@@ -92,8 +77,8 @@ def test_decoder_with_padding(kw):
     """
     torch.manual_seed(40)
     depth = 2 if kw.get("add_value_residual") else 1
-    model = _wrapper(xt.Decoder(dim=D, depth=depth, heads=HEADS, **kw))
-    module = _assert_parity(model, (_tokens(40),), {"mask": _ragged_mask([10, 6], 10)})
+    model = wrapper(xt.Decoder(dim=D, depth=depth, heads=HEADS, **kw))
+    module, _ = assert_parity(model, (_tokens(40),), {"mask": _ragged_mask([10, 6], 10)})
     for name, value in kw.items():
         if name.startswith("attn_"):
             assert getattr(module.config.attn_layers.attn, name[len("attn_") :]) == value
@@ -112,14 +97,14 @@ def test_encoder_with_padding():
         "attn_qk_norm_dim_scale": True,
         "attn_num_mem_kv": 2,
     }
-    model = _wrapper(xt.Encoder(dim=D, depth=1, heads=HEADS, **kw))
-    _assert_parity(model, (_tokens(41, length=12),), {"mask": _ragged_mask([12, 5], 12)})
+    model = wrapper(xt.Encoder(dim=D, depth=1, heads=HEADS, **kw))
+    assert_parity(model, (_tokens(41, length=12),), {"mask": _ragged_mask([12, 5], 12)})
 
 
 def test_cross_attention_value_residual_and_projection_options():
     """Cross-attention chains its own first values, always mixed 1/2."""
     torch.manual_seed(42)
-    model = _wrapper(
+    model = wrapper(
         xt.Decoder(
             dim=D,
             depth=2,
@@ -131,7 +116,7 @@ def test_cross_attention_value_residual_and_projection_options():
         )
     )
     context = np.random.default_rng(42).standard_normal((2, 7, D)).astype(np.float32)
-    _assert_parity(
+    assert_parity(
         model,
         (_tokens(42),),
         {"context": context, "context_mask": _ragged_mask([7, 3], 7)},
@@ -176,7 +161,7 @@ def test_round_trip_torch_jax_torch():
     """Weights moved off their values in xtx -> strict torch state_dict -> same outputs and,
     read back, the same config and params."""
     torch.manual_seed(43)
-    model = _wrapper(
+    model = wrapper(
         xt.Decoder(
             dim=D,
             depth=2,
@@ -305,7 +290,7 @@ def test_learned_value_mix_needs_keys_equal_to_queries():
 
 def test_unsupported_torch_variants_are_named():
     torch.manual_seed(44)
-    model = _wrapper(
+    model = wrapper(
         xt.Decoder(dim=D, depth=1, heads=HEADS, attn_gate_values=True, attn_gate_values_rank=4)
     )
     with pytest.raises(interop.UnsupportedOption, match="attn_gate_values_rank"):

@@ -25,28 +25,15 @@ from tests.parity.harness import (
     HEADS,
     D,
     _jax_call,
-    _perturb,
     _ragged_mask,
     _tokens,
     _torch_call,
+    assert_parity,
     wrapper,
 )
 from xtx import Decoder, Encoder, TransformerWrapper, interop
 from xtx.layers.transformer import AttentionLayersConfig
 from xtx.ops import layer_norm
-
-
-def _check(model, args, kwargs=None, *, seed=0):
-    """Converts ``model`` and checks xtx == x-transformers at every position."""
-    kwargs = kwargs or {}
-    model = _perturb(model, seed)
-    module, variables = interop.from_x_transformers(model, verify=False)
-    expected = _torch_call(model, args, kwargs)
-    got = _jax_call(module, variables, args, kwargs)
-    assert got.shape == expected.shape
-    np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0)
-    return module, variables
-
 
 SINGLE = {
     "gate_residual": dict(gate_residual=True),
@@ -68,7 +55,7 @@ SINGLE = {
 def test_single_feature_decoder(kwargs):
     torch.manual_seed(11)
     model = wrapper(xt.Decoder(dim=D, depth=2, heads=HEADS, **kwargs))
-    module, _ = _check(model, (_tokens(11),))
+    module, _ = assert_parity(model, (_tokens(11),))
     for key, value in kwargs.items():
         if key.startswith("ff_"):
             assert getattr(module.config.attn_layers.ff, key[3:]) == value
@@ -95,7 +82,7 @@ COMBINED = {
 def test_combination_decoder(kwargs):
     torch.manual_seed(12)
     kwargs = {"depth": 2, **kwargs}
-    _check(wrapper(xt.Decoder(dim=D, heads=HEADS, **kwargs)), (_tokens(12),))
+    assert_parity(wrapper(xt.Decoder(dim=D, heads=HEADS, **kwargs)), (_tokens(12),))
 
 
 def test_shift_tokens_encoder_with_padding_mask():
@@ -105,7 +92,7 @@ def test_shift_tokens_encoder_with_padding_mask():
     x = _tokens(13, batch=3)
     mask = _ragged_mask([10, 6, 2], 10)
     model = wrapper(xt.Encoder(dim=D, depth=2, heads=HEADS, shift_tokens=2))
-    _check(model, (x,), {"mask": mask})
+    assert_parity(model, (x,), {"mask": mask})
 
 
 def test_shift_tokens_cross_attention_with_masks():
@@ -115,7 +102,7 @@ def test_shift_tokens_cross_attention_with_masks():
     context = np.random.default_rng(14).standard_normal((2, 5, D)).astype(np.float32)
     context_mask = _ragged_mask([5, 3], 5)
     model = wrapper(xt.Decoder(dim=D, depth=1, heads=HEADS, cross_attend=True, shift_tokens=1))
-    _check(model, (x,), {"mask": mask, "context": context, "context_mask": context_mask})
+    assert_parity(model, (x,), {"mask": mask, "context": context, "context_mask": context_mask})
 
 
 def test_hyper_connections_encoder_with_padding_mask():
@@ -123,7 +110,7 @@ def test_hyper_connections_encoder_with_padding_mask():
     x = _tokens(15)
     mask = _ragged_mask([10, 4], 10)
     model = wrapper(xt.Encoder(dim=D, depth=2, heads=HEADS, num_residual_streams=2))
-    _check(model, (x,), {"mask": mask})
+    assert_parity(model, (x,), {"mask": mask})
 
 
 # ---------------------------------------------------------------------------
@@ -196,7 +183,7 @@ def _layer_names(stack_params):
 def test_layers_left_out_of_the_order_still_have_parameters():
     torch.manual_seed(16)
     model = wrapper(xt.Decoder(dim=D, depth=2, heads=HEADS, layers_execute_order=(2, 3)))
-    module, variables = _check(model, (_tokens(16),))
+    module, variables = assert_parity(model, (_tokens(16),))
     assert module.config.attn_layers.layers_execute_order == (2, 3)
     names = _layer_names(variables["params"]["attn_layers"])
     assert names == [f"layers_{i}" for i in range(4)]
