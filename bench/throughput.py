@@ -99,6 +99,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--implementations", default="auto,reference", help="xtx attention backends to time"
     )
+    parser.add_argument(
+        "--scan-layers", action="store_true", help="run xtx's stack as one nn.scan over layers"
+    )
+    parser.add_argument(
+        "--remat-policy", default="none", help="xtx remat policy: none, full, dots, dots_no_batch"
+    )
+    parser.add_argument("--no-torch", action="store_true", help="time xtx only (no ratio)")
     args = parser.parse_args(argv)
 
     import torch
@@ -116,13 +123,16 @@ def main(argv: list[str] | None = None) -> None:
             dim=args.dim, depth=args.depth, heads=args.heads, rotary_pos_emb=True, attn_flash=True
         ),
     )
-    module, variables = interop.from_x_transformers(torch_model)
+    module, variables = interop.from_x_transformers(
+        torch_model, scan_layers=args.scan_layers, remat_policy=args.remat_policy
+    )
     params = variables["params"]
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
     print(
         f"decoder dim={args.dim} depth={args.depth} heads={args.heads} vocab={args.vocab} "
         f"({n_params / 1e6:.1f}M params), {args.steps} timed steps, "
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads), jax {jax.__version__}"
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), jax {jax.__version__}, "
+        f"scan_layers={args.scan_layers} remat_policy={args.remat_policy}"
     )
     header = f"{'batch x len':>12} {'torch tok/s':>12}"
     impls = [i for i in args.implementations.split(",") if i]
@@ -131,7 +141,11 @@ def main(argv: list[str] | None = None) -> None:
     print(header + f" {'peak RSS GiB':>12}")
     for batch, length in sizes:
         tokens = batch * length
-        t_torch = time_torch(torch_model, batch, length, args.steps, args.vocab)
+        t_torch = (
+            float("nan")
+            if args.no_torch
+            else time_torch(torch_model, batch, length, args.steps, args.vocab)
+        )
         row = f"{f'{batch} x {length}':>12} {tokens / t_torch:12.0f}"
         for impl in impls:
             t_xtx, compile_s = time_xtx(module, params, batch, length, args.steps, args.vocab, impl)

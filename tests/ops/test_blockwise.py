@@ -39,6 +39,7 @@ def _cases(bias, padding):
         "causal-padding-bias": (AttentionMask(causal=True, key_padding=padding), bias),
         "sliding-window": (AttentionMask(causal=True, window=(9, None)), None),
         "two-sided-window-head-bias": (AttentionMask(window=(5, 5)), bias[:, :1]),
+        "int-offset-asymmetric-window": (AttentionMask(window=(6, 3), q_offset=10), None),
     }
 
 
@@ -48,6 +49,7 @@ CASE_NAMES = [
     "causal-padding-bias",
     "sliding-window",
     "two-sided-window-head-bias",
+    "int-offset-asymmetric-window",
 ]
 
 
@@ -153,3 +155,44 @@ def test_dropout_is_exact_with_the_block_masks():
         np.testing.assert_allclose(np.asarray(gk), np.asarray(gd), atol=1e-5)
     other = kernel(q, k, v)
     np.testing.assert_array_equal(np.asarray(other), np.asarray(kernel(q, k, v)))
+
+
+@pytest.mark.parametrize(
+    "mask",
+    [
+        AttentionMask(causal=True),
+        AttentionMask(causal=True, q_offset=5),
+        AttentionMask(causal=True, window=(20, None)),
+        AttentionMask(window=(7, 11)),
+        AttentionMask(window=(None, 4), q_offset=-3),
+        AttentionMask(),
+    ],
+)
+@pytest.mark.parametrize("T, S, bq, bk", [(37, 53, 16, 8), (64, 64, 16, 16), (20, 90, 8, 32)])
+def test_blocks_run_without_mask_only_where_every_real_query_sees_every_key(mask, T, S, bq, bk):
+    """The kernel's unmasked interior blocks, checked against the dense mask block by block."""
+    from xtx.ops.blockwise import _key_block_range, _unmasked_block_range
+
+    dense = mask.dense(T, S)
+    dense = np.ones((T, S), bool) if dense is None else np.asarray(dense[0, 0])
+    for qi in range(-(-T // bq)):
+        rows = dense[qi * bq : min(qi * bq + bq, T)]
+        lo, hi = (int(i) for i in _key_block_range(mask, T, S, qi, bq, bk))
+        full_lo, full_hi = (int(i) for i in _unmasked_block_range(mask, T, S, qi, lo, hi, bq, bk))
+        assert lo <= full_lo <= full_hi <= hi
+        for kj in range(-(-S // bk)):
+            block = rows[:, kj * bk : kj * bk + bk]
+            if full_lo <= kj < full_hi:
+                assert block.shape[1] == bk and block.all(), (qi, kj)
+            if not lo <= kj < hi:
+                assert not block.any(), (qi, kj)  # skipped blocks hide every key
+        # The interior is not needlessly small: fully visible blocks inside [lo, hi)
+        # that are not at the edges of the masked region count as unmasked.
+        full = [
+            kj
+            for kj in range(lo, hi)
+            if rows[:, kj * bk : kj * bk + bk].shape[1] == bk
+            and rows[:, kj * bk : kj * bk + bk].all()
+        ]
+        if full:
+            assert full_hi - full_lo == len(full), (qi, full, full_lo, full_hi)

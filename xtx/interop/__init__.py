@@ -24,7 +24,12 @@ from typing import Any
 
 import flax.linen as nn
 
-from xtx.interop.layout import UnsupportedOption, params_from_state_dict, state_dict_from_params
+from xtx.interop.layout import (
+    UnsupportedOption,
+    params_from_state_dict,
+    state_dict_from_params,
+    with_stack_options,
+)
 from xtx.interop.reading import config_from_x_transformers, module_for_config
 from xtx.interop.torch_build import torch_model_from_config
 from xtx.interop.verify import example_inputs, verify_against
@@ -40,11 +45,17 @@ __all__ = [
     "to_x_transformers",
     "torch_model_from_config",
     "verify_against",
+    "with_stack_options",
 ]
 
 
 def from_x_transformers(
-    model: Any, *, verify: bool = True, atol: float = 1e-4
+    model: Any,
+    *,
+    verify: bool = True,
+    atol: float = 1e-4,
+    scan_layers: bool = False,
+    remat_policy: str = "none",
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Converts a constructed x-transformers 2.31 model into xtx.
 
@@ -54,6 +65,9 @@ def from_x_transformers(
       verify: run both models on a small random input and raise if the outputs differ
         by more than ``atol``.
       atol: tolerance of the verification.
+      scan_layers, remat_policy: how xtx runs every stack of the model (see
+        ``AttentionLayersConfig``); with ``scan_layers`` the layer weights are stacked
+        along a leading depth axis (``blocks/layers_{j}``).
 
     Returns:
       ``(module, variables)`` such that ``module.apply(variables, ...)`` equals
@@ -63,6 +77,7 @@ def from_x_transformers(
       UnsupportedOption: the model uses an option xtx cannot convert.
     """
     config = config_from_x_transformers(model)
+    config = with_stack_options(config, scan_layers=scan_layers, remat_policy=remat_policy)
     module = module_for_config(config)
     variables = {"params": params_from_state_dict(config, model.state_dict())}
     if verify:

@@ -18,6 +18,7 @@ import numpy as np
 from flax import traverse_util
 
 from xtx.layers.stack_config import AttentionLayersConfig
+from xtx.layers.transformer import stack_layer_params, unstack_layer_params
 from xtx.models.continuous import ContinuousConfig
 from xtx.models.transformer_wrapper import TransformerWrapperConfig
 from xtx.models.vit import ViTConfig
@@ -331,20 +332,51 @@ def _rows(config: Any) -> list[Row]:
     raise TypeError(f"no x-transformers layout for {type(config).__name__}")
 
 
+def _stacks(config: Any) -> list[tuple[str, tuple[str, ...], AttentionLayersConfig]]:
+    """(torch key prefix, xtx params path, config) of every stack in a model."""
+    if isinstance(config, XTransformerConfig):
+        return [
+            ("encoder.attn_layers.", ("encoder", "attn_layers"), config.enc.attn_layers),
+            ("decoder.net.attn_layers.", ("decoder", "attn_layers"), config.dec.attn_layers),
+        ]
+    if isinstance(config, TransformerWrapperConfig | ViTConfig | ContinuousConfig):
+        return [("attn_layers.", ("attn_layers",), config.attn_layers)]
+    return []
+
+
+def _restack(config: Any, params: dict[str, Any], *, to_scanned: bool) -> dict[str, Any]:
+    """Converts the stacks with ``scan_layers=True`` between unrolled and scanned layouts.
+
+    The table rows speak of unrolled ``layers_{i}``; a scanned stack keeps the same
+    weights with a leading depth axis under ``blocks`` (``stack_layer_params``).
+    """
+    for _, path, cfg in _stacks(config):
+        if not cfg.scan_layers:
+            continue
+        parent = params
+        for name in path[:-1]:
+            parent = parent[name]
+        convert = stack_layer_params if to_scanned else unstack_layer_params
+        parent[path[-1]] = convert(parent[path[-1]], cfg)
+    return params
+
+
+def with_stack_options(config: Any, **options: Any) -> Any:
+    """``config`` with ``options`` (e.g. ``scan_layers``) set on every stack in it."""
+    if isinstance(config, XTransformerConfig):
+        return config.replace(
+            enc=with_stack_options(config.enc, **options),
+            dec=with_stack_options(config.dec, **options),
+        )
+    if isinstance(config, TransformerWrapperConfig | ViTConfig | ContinuousConfig):
+        return config.replace(attn_layers=config.attn_layers.replace(**options))
+    raise TypeError(f"no stacks known in {type(config).__name__}")
+
+
 def _buffers(config: Any) -> dict[str, np.ndarray]:
     """Persistent torch buffers that a strict ``load_state_dict`` expects."""
-    stacks: list[tuple[str, AttentionLayersConfig]] = []
-    if isinstance(config, TransformerWrapperConfig):
-        stacks = [("attn_layers.", config.attn_layers)]
-    elif isinstance(config, XTransformerConfig):
-        stacks = [
-            ("encoder.attn_layers.", config.enc.attn_layers),
-            ("decoder.net.attn_layers.", config.dec.attn_layers),
-        ]
-    elif isinstance(config, ViTConfig | ContinuousConfig):
-        stacks = [("attn_layers.", config.attn_layers)]
     out = {}
-    for prefix, s in stacks:
+    for prefix, _, s in _stacks(config):
         if s.uses_rotary:
             inv = rotary_inv_freq(s.rotary_dim, base_rescale_factor=s.rotary_base_rescale_factor)
             out[f"{prefix}rotary_pos_emb.inv_freq"] = np.asarray(inv, np.float32)
@@ -375,14 +407,15 @@ def params_from_state_dict(config: Any, state_dict: dict[str, Any]) -> dict[str,
     leftover = sorted(set(arrays) - used)
     if leftover:
         raise _fail(f"weights {leftover[:5]}{'...' if len(leftover) > 5 else ''}")
-    return traverse_util.unflatten_dict(flat)
+    return _restack(config, traverse_util.unflatten_dict(flat), to_scanned=True)
 
 
 def state_dict_from_params(config: Any, params: Any) -> dict[str, Any]:
     """A torch state_dict (``torch.Tensor`` values) from xtx ``params``."""
     import torch
 
-    flat = traverse_util.flatten_dict(nn.meta.unbox(params))
+    params = _restack(config, _mutable_copy(nn.meta.unbox(params)), to_scanned=False)
+    flat = traverse_util.flatten_dict(params)
     out = {}
     for path, key, layout in _rows(config):
         if path not in flat:
@@ -392,6 +425,13 @@ def state_dict_from_params(config: Any, params: Any) -> dict[str, Any]:
     for key, value in _buffers(config).items():
         out[key] = torch.from_numpy(np.array(value, copy=True))
     return out
+
+
+def _mutable_copy(tree: Any) -> Any:
+    """Nested plain dicts (FrozenDicts thawed) sharing the leaves."""
+    if hasattr(tree, "items"):
+        return {k: _mutable_copy(v) for k, v in tree.items()}
+    return tree
 
 
 def _to_numpy(t: Any) -> np.ndarray:

@@ -47,6 +47,9 @@ def _torch_stack_kwargs(cfg: AttentionLayersConfig) -> dict[str, Any]:
             "attn",
             "cross_attn",
             "ff",
+            # Execution options: how xtx runs the stack, not what it computes.
+            "scan_layers",
+            "remat_policy",
         ):
             continue
         value = getattr(cfg, f.name)

@@ -23,6 +23,7 @@ shape ``[K, M, H]``) so that ``xtx.interop`` converts weights one to one.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -40,6 +41,7 @@ from xtx.ops import (
     sinusoidal_embedding,
     xpos_scale,
 )
+from xtx.ops.relative_bias import RelativeBias
 
 Array = jax.Array
 
@@ -103,7 +105,7 @@ class Attention(nn.Module):
         attn_mask: Array | None = None,
         mem: Array | None = None,
         rotary_pos: Array | None = None,
-        bias: Array | None = None,
+        bias: Array | RelativeBias | None = None,
         prev_attn: Array | None = None,
         value_residual: Array | None = None,
         return_logits: bool = False,
@@ -120,7 +122,8 @@ class Attention(nn.Module):
           attn_mask: extra bool mask broadcastable to ``[B, N, T, S]``.
           mem: ``[B, M, D]`` normalised XL memory prepended to the keys and values.
           rotary_pos: key positions ``[S]`` (queries take the last T) for rotary.
-          bias: additive logits bias ``[.., N, T, S]`` over the non-memory keys.
+          bias: additive logits bias over the keys but the memory key/values: a dense
+            ``[.., N, T, S]`` array or a ``RelativeBias`` (memory key/values get bias 0).
           prev_attn: pre-softmax logits ``[B, N, T, S]`` of the previous layer (residual
             attention, 2012.11747).
           value_residual: values ``[B, S, K, H]`` of the first layer (value residual
@@ -208,7 +211,10 @@ class Attention(nn.Module):
             k, v = prepend(k, mem_k), prepend(v, mem_v)
             if key_mask is not None:
                 key_mask = pad_keys(key_mask, M)
-            if bias is not None:
+            if isinstance(bias, RelativeBias):
+                # The memory key/values lead the keys without a position.
+                bias = dataclasses.replace(bias, prefix=bias.prefix + M)
+            elif bias is not None:
                 pad = [(0, 0)] * (bias.ndim - 1) + [(M, 0)]
                 bias = jnp.pad(bias, pad)
             if attn_mask is not None:

@@ -30,6 +30,8 @@ KV_HEADS = "kv_heads"
 HEAD_DIM = "kv"
 VOCAB = "vocab"
 NORM = "norm"
+# The stacked-layers axis of parameters under `scan_layers` (replicate it: rule to None).
+LAYERS = "layers"
 # Logical axis names of activations.
 BATCH = "batch"
 LENGTH = "length"

@@ -6,9 +6,11 @@ Paper: SwinV2 (2111.09883) continuous position bias, after CWT-style dynamic bia
 The MLP maps a distance ``delta = pos_q - pos_k`` (optionally ``sign(delta) log(|delta| +
 1)``) through ``Linear(1, w) -> [norm] -> SiLU``, ``depth - 1`` times ``Linear(w, w) ->
 [norm] -> SiLU`` and ``Linear(w, N)``. It runs once on the ``2S - 1`` possible distances,
-in float32, and the ``[N, T, S]`` bias is gathered from that table. With ``norm``, the
-first norm is x-transformers' bias-free LayerNorm (gain initialised to 1) and the later
-ones are ``torch.nn.LayerNorm`` (gain and bias); both use eps 1e-5.
+in float32, and that ``[N, 2S - 1]`` table goes to attention as a ``RelativeBias``
+(``xtx.ops.relative_bias``), which the blockwise kernel expands block by block instead of
+materialising ``[N, T, S]``. With ``norm``, the first norm is x-transformers' bias-free
+LayerNorm (gain initialised to 1) and the later ones are ``torch.nn.LayerNorm`` (gain and
+bias); both use eps 1e-5.
 """
 
 from __future__ import annotations
@@ -19,8 +21,7 @@ import jax.numpy as jnp
 
 from xtx.layers.base import Projection
 from xtx.layers.norms import Norm
-
-Array = jax.Array
+from xtx.ops.relative_bias import RelativeBias
 
 
 class DynamicPositionBias(nn.Module):
@@ -41,15 +42,22 @@ class DynamicPositionBias(nn.Module):
     norm: bool = False
 
     @nn.compact
-    def __call__(self, q_pos: Array, k_pos: Array) -> Array:
-        """The bias ``[N, T, S]`` for query positions ``[T]`` and key positions ``[S]``.
+    def __call__(self, num_keys: int) -> RelativeBias:
+        """The bias over ``num_keys`` consecutive key positions.
 
-        Positions must be consecutive integers with the queries right-aligned to the keys
-        (the last T key positions), so every distance lies in ``[-(S - 1), S - 1]``.
+        Args:
+          num_keys: S, the keys with a position (XL memory included, memory key/values
+            not). The table covers every distance in ``[-(S - 1), S - 1]``, which is all
+            of them when the queries are among the keys (right-aligned by default).
+
+        Returns:
+          A ``RelativeBias`` with table ``[N, 2S - 1]``.
         """
         if self.depth < 1:
             raise ValueError(f"DynamicPositionBias depth must be >= 1, got {self.depth}")
-        S = k_pos.shape[-1]
+        if isinstance(num_keys, bool) or not isinstance(num_keys, int) or num_keys < 1:
+            raise ValueError(f"DynamicPositionBias num_keys must be an int >= 1, got {num_keys!r}")
+        S = num_keys
         distances = jnp.arange(-(S - 1), S, dtype=jnp.float32)[:, None]  # [2S - 1, 1]
         if self.log_distance:
             distances = jnp.sign(distances) * jnp.log(jnp.abs(distances) + 1.0)
@@ -62,5 +70,5 @@ class DynamicPositionBias(nn.Module):
                 h = Norm("layernorm", use_bias=i > 0, name=f"norm_{i}")(h)
             h = jax.nn.silu(h)
         table = Projection((self.heads,), (self.width,), (None, None), True, name="to_heads")(h)
-        index = q_pos[:, None] - k_pos[None, :] + (S - 1)  # [T, S] rows of the table
-        return jnp.transpose(table[index], (2, 0, 1))  # [N, T, S]
+        # Row r holds distance q - k = r - (S - 1); RelativeBias columns run over k - q.
+        return RelativeBias.centered(table.T[:, ::-1])  # [N, 2S - 1]

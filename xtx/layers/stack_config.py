@@ -21,6 +21,11 @@ from xtx.layers.feedforward import FeedForwardConfig
 
 Array = jax.Array
 LAYER_TYPES = ("a", "c", "f")
+# Rematerialisation policies by name (see ``xtx.layers.transformer.remat_policy``):
+# "none" stores every activation for the backward pass, "full" only each layer's input,
+# "dots" the matmul outputs, "dots_no_batch" the matmul outputs without batch dims (the
+# weight-gradient-friendly choice of MaxText).
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -78,6 +83,9 @@ class AttentionLayersConfig(Config):
     layers_execute_order: tuple[int, ...] | None = None
     num_residual_streams: int = 1
     hyper_conn_sinkhorn_iters: int = 5
+    # xtx execution options (no effect on the math, no x-transformers keyword).
+    scan_layers: bool = False
+    remat_policy: str = "none"
     attn: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
     cross_attn: AttentionConfig | None = None
     ff: FeedForwardConfig = dataclasses.field(default_factory=FeedForwardConfig)
@@ -189,6 +197,7 @@ class AttentionLayersConfig(Config):
                 "scale_residual has no effect with num_residual_streams > 1 (hyper-connections); "
                 "drop one of them"
             )
+        self._check_execution_options()
         iters = self.hyper_conn_sinkhorn_iters
         if not isinstance(iters, int) or iters < 0:
             raise ValueError(f"hyper_conn_sinkhorn_iters must be an int >= 0, got {iters!r}")
@@ -223,6 +232,40 @@ class AttentionLayersConfig(Config):
                 f"shift_tokens={widest} cuts the features into {chunks} chunks, more than "
                 f"dim={self.dim}"
             )
+
+    def _check_execution_options(self) -> None:
+        """``remat_policy`` is a known name; ``scan_layers`` only on a uniform stack."""
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(
+                f"remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}"
+            )
+        if not self.scan_layers:
+            return
+        # A scan runs one block of sublayers `depth` times with stacked weights: every
+        # block must be built alike and nothing may flow between layers but the hidden.
+        blockers = {
+            "custom_layers": self.custom_layers is not None,
+            "sandwich_coef": self.sandwich_coef is not None,
+            "layers_execute_order": self.layers_execute_order is not None,
+            "weight_tie_layers": self.weight_tie_layers,
+            "residual_attn": self.residual_attn,
+            "cross_residual_attn": self.cross_residual_attn,
+            "add_value_residual": self.add_value_residual,
+            "num_residual_streams > 1": self.num_residual_streams > 1,
+            "shift_tokens given per layer": isinstance(self.shift_tokens, tuple),
+        }
+        used = [name for name, on in blockers.items() if on]
+        if used:
+            raise ValueError(
+                f"scan_layers=True needs identical layers with nothing carried between them "
+                f"but the hidden state; {', '.join(used)} rule that out: set scan_layers=False"
+            )
+
+    @property
+    def scan_block(self) -> tuple[str, ...]:
+        """The sublayer types of one scanned block (``layer_types`` is it ``depth`` times)."""
+        types = self.layer_types
+        return types[: len(types) // self.depth]
 
     @classmethod
     def flat_keywords(cls) -> set[str]:

@@ -31,13 +31,14 @@ import jax
 import jax.numpy as jnp
 
 from xtx.layers.attention import Attention, RotarySettings
-from xtx.layers.base import EMBED, HEADS, NORM, ConfiguredMeta
+from xtx.layers.base import EMBED, HEADS, LAYERS, NORM, ConfiguredMeta
 from xtx.layers.feedforward import FeedForward
 from xtx.layers.norms import Norm
 from xtx.layers.position_bias import DynamicPositionBias
 from xtx.layers.residual import GRUGating, HyperConnection, Residual
 from xtx.layers.stack_config import LAYER_TYPES, AttentionLayersConfig
-from xtx.ops import alibi_bias, alibi_slopes, t5_position_bias
+from xtx.ops import alibi_slopes
+from xtx.ops.relative_bias import RelativeBias
 from xtx.ops.token_shift import shift_tokens
 
 Array = jax.Array
@@ -50,6 +51,9 @@ __all__ = [
     "Decoder",
     "Encoder",
     "Sublayer",
+    "remat_policy",
+    "stack_layer_params",
+    "unstack_layer_params",
 ]
 
 
@@ -68,10 +72,13 @@ class Sublayer(nn.Module):
     config: AttentionLayersConfig
     layer_type: str
     index: int = 0
+    # A field, not an argument: under `nn.remat` every call argument is traced.
+    deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, carry, *, context, masks, mem, rotary_pos, bias, deterministic):
+    def __call__(self, x, carry, *, context, masks, mem, rotary_pos, bias):
         cfg = self.config
+        deterministic = self.deterministic
         norm = lambda name: Norm(cfg.norm_kind, unit_offset=cfg.norm_add_unit_offset, name=name)  # noqa: E731
         if cfg.num_residual_streams > 1:
             combiner = HyperConnection(
@@ -241,6 +248,104 @@ def _memory_key_mask(
     return jnp.concatenate([mem_mask, key_mask.astype(bool)], axis=1)
 
 
+def remat_policy(name: str) -> Any:
+    """The ``jax.checkpoint`` policy of a ``REMAT_POLICIES`` name ("none" is no remat)."""
+    policies = jax.checkpoint_policies
+    return {
+        "full": policies.nothing_saveable,
+        "dots": policies.checkpoint_dots,
+        "dots_no_batch": policies.checkpoint_dots_with_no_batch_dims,
+    }[name]
+
+
+def _maybe_remat(module_cls: type[nn.Module], policy: str) -> type[nn.Module]:
+    """``module_cls`` wrapped in ``nn.remat`` with the named policy, or as it is."""
+    if policy == "none":
+        return module_cls
+    return nn.remat(module_cls, policy=remat_policy(policy), prevent_cse=False)
+
+
+class _ScanBlock(nn.Module):
+    """One block of ``scan_block`` sublayers: the body of the scan over layers.
+
+    ``__call__(x, per_layer, context, masks, rotary_pos, bias)`` with ``per_layer`` =
+    this layer's (XL memory ``[B, M, D]``, self-attention key mask ``[B, S]``), either
+    may be None; returns ``(x, hidden)`` with ``hidden`` the self-attention input.
+    """
+
+    config: AttentionLayersConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x, per_layer, context, masks, rotary_pos, bias):
+        cfg = self.config
+        mem, self_keys = per_layer
+        hidden = None
+        for j, layer_type in enumerate(cfg.scan_block):
+            layer_masks, layer_mem = masks, None
+            if layer_type == "a":
+                hidden = x
+                layer_masks = dict(masks, self_keys=self_keys)
+                layer_mem = mem
+            # Nothing but the hidden state flows between scanned sublayers (the config
+            # rules out residual attention and value residuals), so the carry starts empty.
+            carry = dict.fromkeys(("prev_attn", "prev_cross_attn", "values", "cross_values"))
+            new_x, _ = Sublayer(cfg, layer_type, j, self.deterministic, name=f"layers_{j}")(
+                x,
+                carry,
+                context=context,
+                masks=layer_masks,
+                mem=layer_mem,
+                rotary_pos=rotary_pos,
+                bias=bias,
+            )
+            if cfg.layer_dropout > 0.0 and not self.deterministic:
+                skip = jax.random.bernoulli(self.make_rng("dropout"), cfg.layer_dropout)
+                new_x = jnp.where(skip, x, new_x)
+            x = new_x
+        return x, hidden
+
+
+def stack_layer_params(params: dict[str, Any], config: AttentionLayersConfig) -> dict[str, Any]:
+    """Unrolled stack parameters (``layers_{i}``) -> the ``scan_layers`` layout.
+
+    ``params`` is the stack's subtree (``variables["params"]["attn_layers"]`` of a
+    wrapper). Sublayer ``b * n + j`` of the unrolled stack (n sublayers per block)
+    becomes entry ``b`` of ``blocks/layers_{j}``; other entries are kept.
+    """
+    n = len(config.scan_block)
+    missing = [f"layers_{i}" for i in range(n * config.depth) if f"layers_{i}" not in params]
+    if missing:
+        raise ValueError(
+            f"stack_layer_params: the unrolled parameters lack {missing[:3]} "
+            f"(expected layers_0 .. layers_{n * config.depth - 1})"
+        )
+    out = {k: v for k, v in params.items() if not k.startswith("layers_")}
+    out["blocks"] = {
+        f"layers_{j}": jax.tree.map(
+            lambda *leaves: jnp.stack(leaves),
+            *[nn.meta.unbox(params[f"layers_{b * n + j}"]) for b in range(config.depth)],
+        )
+        for j in range(n)
+    }
+    return out
+
+
+def unstack_layer_params(params: dict[str, Any], config: AttentionLayersConfig) -> dict[str, Any]:
+    """The inverse of ``stack_layer_params``: ``blocks/layers_{j}`` -> ``layers_{i}``."""
+    if "blocks" not in params:
+        raise ValueError("unstack_layer_params: the parameters have no 'blocks' (not scanned)")
+    n = len(config.scan_block)
+    blocks = nn.meta.unbox(params["blocks"])
+    out = {k: v for k, v in params.items() if k != "blocks"}
+    for b in range(config.depth):
+        for j in range(n):
+            out[f"layers_{b * n + j}"] = jax.tree.map(
+                lambda leaf, b=b: leaf[b], blocks[f"layers_{j}"]
+            )
+    return out
+
+
 class AttentionLayers(nn.Module, metaclass=ConfiguredMeta):
     """A stack of attention / feedforward sublayers.
 
@@ -339,7 +444,8 @@ class AttentionLayers(nn.Module, metaclass=ConfiguredMeta):
         # Keys span the memory then the tokens; queries are the last T positions.
         S = mem_len + T
         key_pos = jnp.arange(S) - mem_len
-        q_pos = key_pos[-T:]
+        # Position biases are tables over key-query distances (RelativeBias, queries
+        # right-aligned with the keys), expanded per block by the attention backend.
         bias = None
         if cfg.rel_pos_bias:
             table = self.param(
@@ -347,10 +453,8 @@ class AttentionLayers(nn.Module, metaclass=ConfiguredMeta):
                 nn.with_logical_partitioning(nn.initializers.normal(1.0), (None, HEADS)),
                 (cfg.rel_pos_num_buckets, cfg.heads),
             )
-            bias = t5_position_bias(
+            bias = RelativeBias.t5(
                 table,
-                q_pos,
-                key_pos,
                 causal=cfg.causal,
                 num_buckets=cfg.rel_pos_num_buckets,
                 max_distance=cfg.rel_pos_max_distance,
@@ -358,7 +462,7 @@ class AttentionLayers(nn.Module, metaclass=ConfiguredMeta):
             )
         elif cfg.alibi_pos_bias:
             slopes = alibi_slopes(cfg.alibi_num_heads or cfg.heads, total_heads=cfg.heads)
-            bias = alibi_bias(slopes, q_pos, key_pos)
+            bias = RelativeBias.alibi(slopes, S)
         elif cfg.dynamic_pos_bias:
             bias = DynamicPositionBias(
                 cfg.dim // 4,
@@ -367,12 +471,10 @@ class AttentionLayers(nn.Module, metaclass=ConfiguredMeta):
                 cfg.dynamic_pos_bias_log_distance,
                 cfg.dynamic_pos_bias_norm,
                 name="rel_pos",
-            )(q_pos, key_pos)
+            )(S)
         rotary_pos = key_pos if cfg.uses_rotary else None
 
-        hiddens = []
-        mem_iter = iter(mems or ())
-        key_mask_iter = iter(self_key_masks)
+        hiddens: list[Array] = []
         carry = {"prev_attn": None, "prev_cross_attn": None, "values": None, "cross_values": None}
         streams = cfg.num_residual_streams
         if streams > 1:
@@ -388,10 +490,57 @@ class AttentionLayers(nn.Module, metaclass=ConfiguredMeta):
                 (streams, D),
             )
             x = x[:, :, None, :] + stream_emb.astype(x.dtype)  # [B, T, S, D]
+        if cfg.scan_layers:
+            x, hiddens = self._scanned(
+                x, context, masks, self_key_masks, mems, rotary_pos, bias, deterministic
+            )
+        else:
+            x = self._unrolled(
+                x,
+                carry,
+                context,
+                masks,
+                self_key_masks,
+                mems,
+                rotary_pos,
+                bias,
+                deterministic,
+                hiddens,
+            )
+        if streams > 1:
+            x = x.sum(axis=2)
+        if cfg.has_final_norm:
+            x = Norm(cfg.norm_kind, unit_offset=cfg.norm_add_unit_offset, name="final_norm")(x)
+        if return_hiddens:
+            return x, hiddens
+        return x
+
+    def _unrolled(
+        self,
+        x,
+        carry,
+        context,
+        masks,
+        self_key_masks,
+        mems,
+        rotary_pos,
+        bias,
+        deterministic,
+        hiddens,
+    ):
+        """Runs ``execute_order`` one sublayer module at a time (``layers_{i}``)."""
+        cfg = self.config
+        layer_types = cfg.layer_types
         # One module per entry of layer_types; the execution order may repeat (weight
         # tying) or skip entries, and a repeated module reuses its parameters.
-        layers = [Sublayer(cfg, t, i, name=f"layers_{i}") for i, t in enumerate(layer_types)]
+        layer_cls = _maybe_remat(Sublayer, cfg.remat_policy)
+        layers = [
+            layer_cls(cfg, t, i, deterministic, name=f"layers_{i}")
+            for i, t in enumerate(layer_types)
+        ]
         order = cfg.execute_order
+        mem_iter = iter(mems or ())
+        key_mask_iter = iter(self_key_masks)
         for i in order:
             layer, layer_type = layers[i], layer_types[i]
             mem = None
@@ -408,7 +557,6 @@ class AttentionLayers(nn.Module, metaclass=ConfiguredMeta):
                 mem=mem,
                 rotary_pos=rotary_pos,
                 bias=bias,
-                deterministic=deterministic,
             )
             if cfg.layer_dropout > 0.0 and not deterministic:
                 # Stochastic depth: a dropped sublayer leaves the hidden state (and what it
@@ -436,15 +584,38 @@ class AttentionLayers(nn.Module, metaclass=ConfiguredMeta):
                     mem=None,
                     rotary_pos=rotary_pos,
                     bias=bias,
-                    deterministic=True,
                 )
-        if streams > 1:
-            x = x.sum(axis=2)
-        if cfg.has_final_norm:
-            x = Norm(cfg.norm_kind, unit_offset=cfg.norm_add_unit_offset, name="final_norm")(x)
-        if return_hiddens:
-            return x, hiddens
         return x
+
+    def _scanned(self, x, context, masks, self_key_masks, mems, rotary_pos, bias, deterministic):
+        """Runs one block ``depth`` times under ``nn.scan``: one compiled block body.
+
+        Parameters get a leading ``depth`` axis (logical name ``layers``) under
+        ``blocks/layers_{j}``; ``stack_layer_params`` converts from the unrolled tree.
+        Returns the output and the per-layer self-attention inputs (XL hiddens).
+        """
+        cfg = self.config
+        block = _maybe_remat(_ScanBlock, cfg.remat_policy)
+        scan = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=cfg.depth,
+            metadata_params={nn.PARTITION_NAME: LAYERS},
+        )
+        # Per-layer inputs ride along the scanned axis: XL memories and key masks.
+        key_masks = None
+        if any(m is not None for m in self_key_masks):
+            S = (mems[0].shape[1] if mems else 0) + x.shape[1]
+            ones = jnp.ones((x.shape[0], S), bool)
+            key_masks = jnp.stack([ones if m is None else m for m in self_key_masks])
+        per_layer = (jnp.stack(mems) if mems else None, key_masks)
+        x, hidden = scan(cfg, deterministic, name="blocks")(
+            x, per_layer, context, masks, rotary_pos, bias
+        )
+        hiddens = [] if hidden is None else [hidden[i] for i in range(cfg.depth)]
+        return x, hiddens
 
 
 class Encoder(AttentionLayers):

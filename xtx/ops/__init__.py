@@ -32,10 +32,13 @@ from xtx.ops.positional import (
     t5_relative_position_bucket,
     xpos_scale,
 )
+from xtx.ops.relative_bias import RelativeBias
+from xtx.ops.splash import splash_attention
 from xtx.ops.token_shift import shift_tokens
 
 __all__ = [
     "AttentionMask",
+    "RelativeBias",
     "alibi_bias",
     "alibi_slopes",
     "apply_rotary",
@@ -63,6 +66,7 @@ __all__ = [
     "shift_tokens",
     "sinusoidal_embedding",
     "softclamp",
+    "splash_attention",
     "t5_position_bias",
     "t5_relative_position_bucket",
     "xpos_scale",

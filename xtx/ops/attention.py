@@ -16,7 +16,9 @@ Grouped-query attention: with K key/value heads and N = G * K query heads, query
 the Llama-style consecutive grouping).
 
 Shapes: q ``[B, T, N, H]``, k and v ``[B, S, K, H]``, output ``[B, T, N, H]``.
-``bias`` broadcasts to ``[B, N, T, S]`` and is added to the scaled logits.
+``bias`` broadcasts to ``[B, N, T, S]`` and is added to the scaled logits; a
+``RelativeBias`` (a table over key-query distances) is expanded with ``.dense`` by the
+reference and fused backends and block by block by the blockwise kernel.
 
 Logit and probability extras (reference backend only), in x-transformers 2.31 order:
 scaled logits ``+ prev_logits`` (residual attention, RealFormer 2012.11747), ``S + W·S``
@@ -41,6 +43,8 @@ from xtx.ops.blockwise import blockwise_attention, blockwise_supported
 from xtx.ops.entmax import entmax15
 from xtx.ops.fused import cudnn_attention, xla_attention
 from xtx.ops.masks import AttentionMask
+from xtx.ops.relative_bias import RelativeBias
+from xtx.ops.splash import splash_attention, splash_unsupported_reason
 
 Array = jax.Array
 
@@ -98,7 +102,7 @@ def attention_logits(
     k: Array,
     *,
     mask: AttentionMask | None = None,
-    bias: Array | None = None,
+    bias: Array | RelativeBias | None = None,
     scale: float | None = None,
     prev_logits: Array | None = None,
     pre_talking_heads: Array | None = None,
@@ -121,6 +125,8 @@ def attention_logits(
     if pre_talking_heads is not None:
         # Residual form: identity-initialised weights double the logits at init.
         logits = logits + mix_heads(logits, pre_talking_heads)
+    if isinstance(bias, RelativeBias):
+        bias = bias.dense(T, S)
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
     if logit_softclamp is not None:
@@ -214,7 +220,7 @@ def reference_attention(
     v: Array,
     *,
     mask: AttentionMask | None = None,
-    bias: Array | None = None,
+    bias: Array | RelativeBias | None = None,
     scale: float | None = None,
     dropout_rate: float = 0.0,
     dropout_rng: Array | None = None,
@@ -259,6 +265,7 @@ register_backend("reference", reference_attention)
 register_backend("blockwise", blockwise_attention)
 register_backend("xla", xla_attention)
 register_backend("cudnn", cudnn_attention)
+register_backend("splash", splash_attention)
 
 
 def _check_extras(
@@ -321,23 +328,34 @@ _logged_fallbacks: set[str] = set()
 def _log_fallback_once(reason: str) -> None:
     if reason not in _logged_fallbacks:
         _logged_fallbacks.add(reason)
-        logging.getLogger("xtx").info("xtx attention: using the reference backend: %s", reason)
+        logging.getLogger("xtx").info("xtx attention fallback: %s", reason)
 
 
-def _auto_backend(q: Array, k: Array, mask: AttentionMask | None, dropout_rate: float) -> str:
+def _auto_backend(
+    q: Array, k: Array, mask: AttentionMask | None, bias: Any, dropout_rate: float
+) -> str:
     """The backend ``implementation="auto"`` picks for this platform and call.
 
     CPU: the blockwise kernel once sequences are long enough for its blocks to pay off;
     the einsum reference otherwise. NVIDIA GPU: cuDNN through
-    ``jax.nn.dot_product_attention`` for half-precision inputs without dropout. Other
-    platforms: the reference until their kernels (Pallas splash on TPU) are wired in.
-    Every fallback says why in a one-time log line.
+    ``jax.nn.dot_product_attention`` for half-precision inputs without dropout. TPU:
+    Pallas splash attention when it handles the call (no bias, no dropout, static
+    masks), else the blockwise kernel. Every fallback says why in a one-time log line.
     """
     platform = jax.default_backend()
     if platform == "gpu":
         if q.dtype in (jnp.bfloat16, jnp.float16) and dropout_rate == 0.0:
             return "cudnn"
         _log_fallback_once("cuDNN attention needs float16/bfloat16 inputs and no dropout")
+        return "reference"
+    if platform == "tpu":
+        reason = splash_unsupported_reason(q, k, mask, bias, dropout_rate)
+        if reason is None:
+            return "splash"
+        if blockwise_supported(mask):
+            _log_fallback_once(f"splash attention unusable ({reason}); using the blockwise kernel")
+            return "blockwise"
+        _log_fallback_once(reason)
         return "reference"
     if platform != "cpu":
         _log_fallback_once(f"no fused attention kernel is wired for platform {platform!r} yet")
@@ -356,7 +374,7 @@ def attention(
     v: Array,
     *,
     mask: AttentionMask | None = None,
-    bias: Array | None = None,
+    bias: Array | RelativeBias | None = None,
     scale: float | None = None,
     dropout_rate: float = 0.0,
     dropout_rng: Array | None = None,
@@ -377,7 +395,8 @@ def attention(
       k: keys ``[B, S, K, H]`` with ``N % K == 0``.
       v: values ``[B, S, K, H]``.
       mask: an ``AttentionMask``; None attends everywhere.
-      bias: additive logits bias broadcastable to ``[B, N, T, S]`` (T5, ALiBi, ...).
+      bias: additive logits bias broadcastable to ``[B, N, T, S]``, or a
+        ``RelativeBias`` (T5, ALiBi, dynamic: never materialised by the blockwise backend).
       scale: logits scale; default ``H ** -0.5``.
       dropout_rate: dropout on the attention probabilities.
       dropout_rng: PRNG key, required when ``dropout_rate > 0``.
@@ -406,6 +425,8 @@ def attention(
     _check_shapes(q, k, v)
     if mask is not None and not isinstance(mask, AttentionMask):
         raise TypeError(f"mask must be an xtx.ops.AttentionMask, got {type(mask).__name__}")
+    if isinstance(bias, RelativeBias):
+        bias.check(q.shape[0], q.shape[2], q.shape[1], k.shape[1])
     extras = dict(
         prev_logits=prev_logits,
         pre_talking_heads=pre_talking_heads,
@@ -434,7 +455,11 @@ def attention(
             dropout_rng=dropout_rng,
             **extras,
         )
-    name = _auto_backend(q, k, mask, dropout_rate) if implementation == "auto" else implementation
+    name = (
+        _auto_backend(q, k, mask, bias, dropout_rate)
+        if implementation == "auto"
+        else implementation
+    )
     if name not in _BACKENDS:
         raise ValueError(
             f"implementation must be one of {available_backends()}, got {implementation!r}"

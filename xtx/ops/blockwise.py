@@ -12,18 +12,26 @@ them.
 Numerics match ``reference_attention``: float32 logits and softmax, masked logits
 never contribute, a query with no visible key outputs zeros.
 
+An additive bias is either a dense array (sliced per block) or a ``RelativeBias``: a
+table over key-query distances that each block gathers its bias from, in the forward
+and in the recomputing backward pass, which scatter-adds each block's logit gradient
+back into the table. Relative biases (T5, ALiBi, dynamic) then cost memory linear in
+the sequence length too.
+
 Shapes: q ``[B, T, N, H]``, k/v ``[B, S, K, H]`` (N = G * K, query head i reads kv head
 i mod K), output ``[B, T, N, H]``. Inside, heads-major ``[B, K, G, T, H]``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 
 from xtx.ops.masks import AttentionMask
+from xtx.ops.relative_bias import RelativeBias
 
 Array = jax.Array
 
@@ -69,6 +77,48 @@ def _key_block_range(mask: AttentionMask, T: int, S: int, qi: Array, bq: int, bk
     return lo.astype(jnp.int32), jnp.maximum(hi, lo).astype(jnp.int32)
 
 
+def _unmasked_block_range(mask: AttentionMask, T: int, S: int, qi, lo, hi, bq: int, bk: int):
+    """Key blocks in ``[lo, hi)`` that every real query of block ``qi`` fully sees.
+
+    Those blocks skip building and applying the mask (most blocks of a long causal or
+    windowed sequence). Returns an empty range when the mask depends on data (key
+    padding, segment ids, per-row offsets): then every block is masked.
+    """
+    if (
+        mask.key_padding is not None
+        or mask.q_segment_ids is not None
+        or (mask.q_offset is not None and jnp.ndim(mask.q_offset) > 0)
+    ):
+        return lo, lo
+    offset = S - T if mask.q_offset is None else mask.q_offset
+    first_q = qi * bq + offset
+    # Padded query rows past T are computed and cut away: they need no mask.
+    last_q = jnp.minimum(qi * bq + bq, T) - 1 + offset
+    left, right = mask.window
+    if mask.causal:
+        right = 0 if right is None else min(right, 0)
+    full_lo, full_hi = lo, jnp.minimum(hi, S // bk)  # a partial last key block is masked
+    if right is not None:  # block end - first query <= right
+        full_hi = jnp.minimum(full_hi, (first_q + right + 1) // bk)
+    if left is not None:  # block start - last query >= -left
+        full_lo = jnp.maximum(full_lo, -((left - last_q) // bk))
+    full_lo = jnp.clip(full_lo, lo, hi).astype(jnp.int32)
+    return full_lo, jnp.clip(full_hi, full_lo, hi).astype(jnp.int32)
+
+
+def _visit_key_blocks(mask, T, S, qi, bq, bk, body, init):
+    """``fori_loop`` over the visible key blocks: masked edges, unmasked interior.
+
+    ``body(masked)`` returns the loop body; the online softmax does not care about the
+    order in which blocks arrive.
+    """
+    lo, hi = _key_block_range(mask, T, S, qi, bq, bk)
+    full_lo, full_hi = _unmasked_block_range(mask, T, S, qi, lo, hi, bq, bk)
+    carry = jax.lax.fori_loop(lo, full_lo, body(True), init)
+    carry = jax.lax.fori_loop(full_lo, full_hi, body(False), carry)
+    return jax.lax.fori_loop(full_hi, hi, body(True), carry)
+
+
 def _block_mask(mask, T, S, qi, kj, bq, bk, kp, qseg, kseg):
     """Bool ``[B|1, 1, 1, bq, bk]`` for one (query block, key block) pair."""
     q_idx = qi * bq + jnp.arange(bq)
@@ -99,12 +149,19 @@ def _block_mask(mask, T, S, qi, kj, bq, bk, kp, qseg, kseg):
     return keep
 
 
-def _block_bias(bias, qi, kj, bq, bk, K):
-    """Slice ``[B|1, N|1, Tp, Sp]`` bias to ``[B|1, K|1, G|1, bq, bk]`` (tiled heads)."""
+def _block_bias(bias, qi, kj, bq, bk, K, shapes):
+    """One ``[B|1, K|1, G|1, bq, bk]`` block of the bias (tiled heads: n = g * K + k).
+
+    Sliced from a padded dense ``[B|1, N|1, Tp, Sp]`` bias, or gathered from the table of
+    a ``RelativeBias``.
+    """
     if bias is None:
         return None
-    b = jax.lax.dynamic_slice_in_dim(bias, qi * bq, bq, axis=2)
-    b = jax.lax.dynamic_slice_in_dim(b, kj * bk, bk, axis=3)
+    if isinstance(bias, RelativeBias):
+        b = bias.block(qi * bq, kj * bk, bq, bk, *shapes)  # [B|1, N|1, bq, bk]
+    else:
+        b = jax.lax.dynamic_slice_in_dim(bias, qi * bq, bq, axis=2)
+        b = jax.lax.dynamic_slice_in_dim(b, kj * bk, bk, axis=3)
     Bb, Nb = b.shape[:2]
     if Nb == 1:
         return b[:, None]  # [B, 1, 1, bq, bk]
@@ -123,7 +180,9 @@ def _prepare(q, k, v, mask, bias, bq, bk):
     if mask.q_segment_ids is not None:
         qseg = _pad_to(mask.q_segment_ids, 1, bq)
         kseg = _pad_to(mask.kv_segment_ids, 1, bk)
-    if bias is not None:
+    if isinstance(bias, RelativeBias):
+        bias = dataclasses.replace(bias, table=bias.table.astype(jnp.float32))
+    elif bias is not None:
         bias = jnp.broadcast_to(bias, (*bias.shape[:-2], T, S)).astype(jnp.float32)
         while bias.ndim < 4:
             bias = bias[None]
@@ -136,7 +195,7 @@ def _scores(qb, kb, scale, bias_b, keep):
     s = jnp.einsum("bkgqh,bksh->bkgqs", qb, kb, preferred_element_type=jnp.float32) * scale
     if bias_b is not None:
         s = s + bias_b
-    return jnp.where(keep, s, _NEG)
+    return s if keep is None else jnp.where(keep, s, _NEG)
 
 
 def _dropout_scale(rng, rate, qi, kj, n_kb, shape):
@@ -166,16 +225,20 @@ def _flash_fwd_impl(q, k, v, mask, bias, rng, scale, bq, bk, shapes, rate):
 
     def q_block(qi):
         qb = jax.lax.dynamic_slice_in_dim(qh, qi * bq, bq, axis=3)
-        lo, hi = _key_block_range(mask, T, S, qi, bq, bk)
 
-        def body(kj, carry):
+        def body(masked):
+            return functools.partial(step, masked)
+
+        def step(masked, kj, carry):
             m, l, acc = carry
             kb = jax.lax.dynamic_slice_in_dim(kh, kj * bk, bk, axis=2)
             vb = jax.lax.dynamic_slice_in_dim(vh, kj * bk, bk, axis=2)
-            keep = _block_mask(mask, T, S, qi, kj, bq, bk, kp, qseg, kseg)
-            s = _scores(qb, kb, scale, _block_bias(biasp, qi, kj, bq, bk, K), keep)
+            keep = _block_mask(mask, T, S, qi, kj, bq, bk, kp, qseg, kseg) if masked else None
+            s = _scores(qb, kb, scale, _block_bias(biasp, qi, kj, bq, bk, K, shapes), keep)
             m_new = jnp.maximum(m, s.max(-1))
-            p = jnp.where(keep, jnp.exp(s - m_new[..., None]), 0.0)
+            p = jnp.exp(s - m_new[..., None])
+            if masked:
+                p = jnp.where(keep, p, 0.0)
             corr = jnp.exp(m - m_new)
             l = l * corr + p.sum(-1)
             # Dropout acts on the normalised probabilities: drop p, not the normaliser.
@@ -190,7 +253,7 @@ def _flash_fwd_impl(q, k, v, mask, bias, rng, scale, bq, bk, shapes, rate):
             jnp.zeros((B, K, G, bq), jnp.float32),
             jnp.zeros((B, K, G, bq, H), jnp.float32),
         )
-        m, l, acc = jax.lax.fori_loop(lo, hi, body, init)
+        m, l, acc = _visit_key_blocks(mask, T, S, qi, bq, bk, body, init)
         seen = l > 0
         out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
         lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), jnp.inf)
@@ -226,15 +289,19 @@ def _flash_bwd(scale, bq, bk, shapes, rate, res, g):
         dob = jax.lax.dynamic_slice_in_dim(do, qi * bq, bq, axis=3)
         lseb = jax.lax.dynamic_slice_in_dim(lse, qi * bq, bq, axis=3)
         deltab = jax.lax.dynamic_slice_in_dim(delta, qi * bq, bq, axis=3)
-        lo, hi = _key_block_range(mask, T, S, qi, bq, bk)
 
-        def body(kj, inner):
+        def body(masked):
+            return functools.partial(step, masked)
+
+        def step(masked, kj, inner):
             dq, dk, dv, dbias = inner
             kb = jax.lax.dynamic_slice_in_dim(kh, kj * bk, bk, axis=2)
             vb = jax.lax.dynamic_slice_in_dim(vh, kj * bk, bk, axis=2)
-            keep = _block_mask(mask, T, S, qi, kj, bq, bk, kp, qseg, kseg)
-            s = _scores(qb, kb, scale, _block_bias(biasp, qi, kj, bq, bk, K), keep)
-            p = jnp.where(keep, jnp.exp(s - lseb[..., None]), 0.0)  # [B, K, G, bq, bk]
+            keep = _block_mask(mask, T, S, qi, kj, bq, bk, kp, qseg, kseg) if masked else None
+            s = _scores(qb, kb, scale, _block_bias(biasp, qi, kj, bq, bk, K, shapes), keep)
+            p = jnp.exp(s - lseb[..., None])  # [B, K, G, bq, bk]
+            if masked:
+                p = jnp.where(keep, p, 0.0)
             drop = _dropout_scale(rng, rate, qi, kj, n_kb, p.shape)
             dv_b = jnp.einsum("bkgqs,bkgqh->bksh", p if drop is None else p * drop, dob)
             dp = jnp.einsum("bkgqh,bksh->bkgqs", dob, vb.astype(jnp.float32))
@@ -248,17 +315,23 @@ def _flash_bwd(scale, bq, bk, shapes, rate, res, g):
             dv = jax.lax.dynamic_update_slice_in_dim(
                 dv, jax.lax.dynamic_slice_in_dim(dv, kj * bk, bk, axis=2) + dv_b, kj * bk, axis=2
             )
-            if dbias is not None:
+            if isinstance(biasp, RelativeBias):
+                ds_heads = ds.transpose(0, 2, 1, 3, 4).reshape(B, G * K, bq, bk)
+                dbias = biasp.block_grad(dbias, ds_heads, qi * bq, kj * bk, T, S)
+            elif dbias is not None:
                 dbias = _accumulate_bias_grad(dbias, ds, qi, kj, bq, bk, K)
             return dq, dk, dv, dbias
 
         dq0 = jnp.zeros((B, K, G, bq, H), jnp.float32)
-        dq, dk, dv, dbias = jax.lax.fori_loop(lo, hi, body, (dq0, dk, dv, dbias))
+        dq, dk, dv, dbias = _visit_key_blocks(mask, T, S, qi, bq, bk, body, (dq0, dk, dv, dbias))
         return (dk, dv, dbias), dq
 
     dk0 = jnp.zeros((B, K, Sp, H), jnp.float32)
     dv0 = jnp.zeros((B, K, Sp, H), jnp.float32)
-    dbias0 = None if biasp is None else jnp.zeros(biasp.shape, jnp.float32)
+    if isinstance(biasp, RelativeBias):
+        dbias0 = jnp.zeros(biasp.table.shape, jnp.float32)  # the table's gradient
+    else:
+        dbias0 = None if biasp is None else jnp.zeros(biasp.shape, jnp.float32)
     (dk, dv, dbias), dqs = jax.lax.scan(q_block, (dk0, dv0, dbias0), jnp.arange(n_qb))
     dq = jnp.moveaxis(dqs, 0, 3).reshape(B, K, G, Tp, H)[:, :, :, :T]
     dq = _merge_heads(dq).astype(q.dtype)
@@ -267,6 +340,10 @@ def _flash_bwd(scale, bq, bk, shapes, rate, res, g):
     # The mask holds ints and bools: no cotangent (None is JAX's symbolic zero).
     if bias is None:
         return dq, dk, dv, None, None, None
+    if isinstance(bias, RelativeBias):
+        # Only the table is differentiable; q_offset holds ints.
+        dtable = dbias.astype(bias.table.dtype)
+        return dq, dk, dv, None, dataclasses.replace(bias, table=dtable, q_offset=None), None
     dbias = dbias[:, :, :T, :S]
     dbias = _sum_to_shape(dbias, bias.shape).astype(bias.dtype)
     return dq, dk, dv, None, dbias, None
@@ -304,7 +381,7 @@ def blockwise_attention(
     v: Array,
     *,
     mask: AttentionMask | None = None,
-    bias: Array | None = None,
+    bias: Array | RelativeBias | None = None,
     scale: float | None = None,
     dropout_rate: float = 0.0,
     dropout_rng: Array | None = None,
@@ -316,6 +393,7 @@ def blockwise_attention(
     Args:
       q, k, v, mask, bias, scale: as ``xtx.ops.attention``. ``mask.explicit`` is not
         supported here (a dense mask defeats the purpose): use the reference backend.
+        A ``RelativeBias`` is expanded block by block and gets a gradient for its table.
       dropout_rate, dropout_rng: dropout on the attention probabilities. Each
         (query block, key block) draws its mask from ``fold_in(dropout_rng, index)``,
         so results depend on the block sizes (they are not the reference backend's
@@ -336,7 +414,9 @@ def blockwise_attention(
     scale = H**-0.5 if scale is None else scale
     bq = max(1, min(block_q, T))
     bk = max(1, min(block_k, S))
-    if bias is not None:
+    if isinstance(bias, RelativeBias):
+        bias.check(q.shape[0], q.shape[2], T, S)
+    elif bias is not None:
         bias = jnp.asarray(bias)
     rng = dropout_rng if dropout_rate > 0.0 else None
     return _flash(q, k, v, mask, bias, rng, float(scale), bq, bk, (T, S), float(dropout_rate))

@@ -7,7 +7,8 @@ or mask) into the consecutive order and permutes the output back, so results equ
 ``reference_attention``. Queries with no visible key get zeros, as in the reference.
 
 Shapes: q ``[B, T, N, H]``, k/v ``[B, S, K, H]``, bias/mask broadcastable to
-``[B, N, T, S]``.
+``[B, N, T, S]``; a ``RelativeBias`` is expanded to its dense ``[B|1, N, T, S]`` form
+(these kernels take only dense biases).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from xtx.ops.masks import AttentionMask
+from xtx.ops.relative_bias import RelativeBias
 
 Array = jax.Array
 
@@ -52,7 +54,7 @@ def fused_attention(
     v: Array,
     *,
     mask: AttentionMask | None = None,
-    bias: Array | None = None,
+    bias: Array | RelativeBias | None = None,
     scale: float | None = None,
     dropout_rate: float = 0.0,
     dropout_rng: Array | None = None,
@@ -74,6 +76,8 @@ def fused_attention(
     S, K = k.shape[1], k.shape[2]
     scale = H**-0.5 if scale is None else scale
     allowed = None if mask is None else _heads_first(mask.dense(T, S), B, T, S)
+    if isinstance(bias, RelativeBias):
+        bias = bias.dense(T, S)
     bias = _heads_first(bias, B, T, S)
     qg = _tiled_to_grouped(q, K, axis=2)
     if allowed is not None:
