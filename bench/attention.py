@@ -6,15 +6,15 @@ attention, in one process, and prints milliseconds per call and the ratio to
 kernel is timed at several block sizes so that the default can be chosen by measurement.
 
     python -m bench.attention --lengths 256,1024,4096 --blocks 64x64,128x128,256x128
+    python -m bench.attention --devices 2    # heads split over one host device per core
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 
@@ -26,6 +26,18 @@ def _median_ms(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return 1e3 * float(np.median(times))
+
+
+def _shard_heads(*arrays):
+    """Puts ``[B, T, N, H]`` arrays on a mesh of every device, split along heads."""
+    import jax
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+    if jax.device_count() == 1:
+        return arrays
+    mesh = jax.make_mesh((jax.device_count(),), ("heads",), axis_types=(AxisType.Auto,))
+    sharding = NamedSharding(mesh, PartitionSpec(None, None, "heads", None))
+    return tuple(jax.device_put(a, sharding) for a in arrays)
 
 
 def time_torch(q, k, v, w, repeats):
@@ -46,6 +58,9 @@ def time_torch(q, k, v, w, repeats):
 
 
 def time_xtx(q, k, v, w, repeats, implementation, **kwargs):
+    import jax
+    import jax.numpy as jnp
+
     from xtx.ops import AttentionMask, attention
     from xtx.ops.blockwise import blockwise_attention
 
@@ -71,13 +86,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--blocks", default="64x64,128x128,256x256", help="block_q x block_k")
     parser.add_argument("--reference", action="store_true", help="also time the einsum reference")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--devices", type=int, default=1, help="host devices for xtx, heads split across them"
+    )
     args = parser.parse_args(argv)
+    if args.devices > 1:  # before jax starts
+        flag = f"--xla_force_host_platform_device_count={args.devices}"
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    torch.set_num_threads(max(args.devices, torch.get_num_threads()))
     blocks = [tuple(int(n) for n in b.split("x")) for b in args.blocks.split(",") if b]
     cols = ["torch sdpa"] + [f"blockwise {bq}x{bk}" for bq, bk in blocks]
     if args.reference:
         cols.append("reference")
     print(
         f"causal attention fwd+bwd, B={args.batch} N={args.heads} H={args.dim_head}, "
+        f"xtx on {jax.device_count()} device(s), torch {torch.get_num_threads()} threads, "
         f"ms per call (ratio = torch / xtx, > 1 means xtx is faster)"
     )
     print(f"{'length':>7} " + " ".join(f"{c:>22}" for c in cols))
@@ -86,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
         keys = jax.random.split(jax.random.key(0), 4)
         q, k, v, w = (jax.random.normal(key, shape, jnp.float32) for key in keys)
         t_torch = time_torch(q, k, v, w, args.repeats)
+        q, k, v, w = _shard_heads(q, k, v, w)
         row = [f"{t_torch:22.1f}"]
         for bq, bk in blocks:
             t = time_xtx(q, k, v, w, args.repeats, "blockwise", block_q=bq, block_k=bk)
