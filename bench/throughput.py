@@ -75,7 +75,9 @@ def _set_cpu_devices(count: int) -> None:
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
 
 
-def _parallelism(batch: int, heads: int, devices: int) -> str:
+def _parallelism(batch: int, heads: int, devices: int, choice: str = "auto") -> str:
+    if choice != "auto":
+        return choice
     if devices == 1:
         return "single"
     if batch % devices == 0:
@@ -88,8 +90,17 @@ def _parallelism(batch: int, heads: int, devices: int) -> str:
 # Logical axis -> mesh axis. Data parallel replicates parameters; tensor parallel
 # splits heads and the feedforward width (Megatron), leaving the rest replicated.
 _RULES = {
-    "data": (),
+    "data": (("batch", "data"),),
     "tensor": (("heads", "model"), ("kv_heads", "model"), ("mlp", "model"), ("vocab", "model")),
+    # Tensor parallel plus sequence parallel between layers (Megatron-SP): norms and
+    # residual adds run on half the tokens per device.
+    "tensor_seq": (
+        ("heads", "model"),
+        ("kv_heads", "model"),
+        ("mlp", "model"),
+        ("vocab", "model"),
+        ("length", "model"),
+    ),
 }
 
 
@@ -108,7 +119,7 @@ def time_xtx(module, params, batch, length, steps, vocab, implementation, parall
     module = type(module)(config=cfg.replace(attn_layers=stack))
     x = jax.random.randint(jax.random.key(0), (batch, length + 1), 0, vocab)
     if parallel != "single":
-        axis = "model" if parallel == "tensor" else "data"
+        axis = "data" if parallel == "data" else "model"
         mesh = jax.make_mesh((jax.device_count(),), (axis,), axis_types=(AxisType.Auto,))
         boxed = jax.eval_shape(module.init, jax.random.key(0), x[:1, :8])["params"]
         specs = nn.get_partition_spec(boxed)
@@ -125,7 +136,8 @@ def time_xtx(module, params, batch, length, steps, vocab, implementation, parall
         )
 
     def loss_fn(p, x):
-        return cross_entropy(module.apply({"params": p}, x[:, :-1]), x[:, 1:])
+        with nn.logical_axis_rules(_RULES.get(parallel, ())):
+            return cross_entropy(module.apply({"params": p}, x[:, :-1]), x[:, 1:])
 
     def step(p, s, x):
         loss, grads = jax.value_and_grad(loss_fn)(p, x)
@@ -179,6 +191,12 @@ def main(argv: list[str] | None = None) -> None:
         default=os.cpu_count() or 1,
         help="host-platform devices for xtx, one per core by default (torch gets as many threads)",
     )
+    parser.add_argument(
+        "--parallel",
+        default="auto",
+        choices=("auto", "single", "data", "tensor", "tensor_seq"),
+        help="xtx layout over the devices; auto: data when the batch splits, else tensor",
+    )
     args = parser.parse_args(argv)
     _set_cpu_devices(args.devices)
     import jax
@@ -225,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
             else time_torch(torch_model, batch, length, args.steps, args.vocab)
         )
         row = f"{f'{batch} x {length}':>12} {tokens / t_torch:12.0f}"
-        parallel = _parallelism(batch, args.heads, jax.device_count())
+        parallel = _parallelism(batch, args.heads, jax.device_count(), args.parallel)
         for impl in impls:
             t_xtx, compile_s, first_s = time_xtx(
                 module, params, batch, length, args.steps, args.vocab, impl, parallel
