@@ -1,0 +1,332 @@
+"""Transformer-XL (Dai et al., arXiv 1901.02860): segment recurrence with relative positions.
+
+Each layer attends over ``[SG(memory); segment]``, where the memory holds the layer's
+inputs of the last ``mem_len`` tokens seen (stop-gradient: no backpropagation into past
+segments). Scores use the paper's relative decomposition (eq. 3, with the query-side
+position terms replaced by the learned vectors u and v)::
+
+    A[i, j] = (q_i + u) . k_j  +  (q_i + v) . W_r R[i - j]
+
+with ``R`` the sinusoidal encoding of the distance ``i - j >= 0`` (optionally clamped at
+``clamp_len``). The second term is computed once per segment as a table over distances
+and handed to ``xtx.ops.attention`` as a per-query ``RelativeBias``: the table column
+``c`` holds distance ``S - 1 - c`` (the official code's ``pos_seq``), and the bias
+gathers it at ``key - query + S - 1``, which is exactly the paper's relative shift. The
+softmax scale multiplies both terms.
+
+Recurrent state is an explicit pytree (``XLState``): the per-layer memories and a
+validity mask of the memory rows (rows of a fresh or reset sequence are masked out, so a
+new document never attends to zeros). ``reset`` (bool ``[B]``) clears a row's state
+before the call.
+
+Layers are post-norm with a ReLU feedforward as in the paper (``pre_norm=True`` for the
+pre-norm variant, which also norms the memory it attends to). ``untie_r=True`` gives
+every layer its own u, v (the official enwik8 setting); False shares them.
+
+Shapes: tokens ``[B, T]`` with ``T <= segment_len``, logits ``[B, T, V]``, memories
+``[L, B, M, D]`` with ``M = mem_len``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from xtx.config import Config, field_names, unknown_keyword_error
+from xtx.layers.base import (
+    EMBED,
+    HEAD_DIM,
+    HEADS,
+    MLP,
+    VOCAB,
+    ConfiguredMeta,
+    Projection,
+    dropout,
+)
+from xtx.layers.norms import Norm
+from xtx.ops import AttentionMask, RelativeBias, attention, sinusoidal_embedding
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class XLState:
+    """Transformer-XL recurrent state.
+
+    Attributes:
+      mems: ``[L, B, M, D]`` float32, each layer's inputs over the last M tokens.
+      valid: ``[B, M]`` bool, False for memory rows that hold no token (yet).
+    """
+
+    mems: Array
+    valid: Array
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TransformerXLConfig(Config):
+    """Options of ``TransformerXL``.
+
+    Attributes:
+      num_tokens, dim, depth, heads: vocabulary, width, layers, attention heads.
+      segment_len: the longest segment one call accepts.
+      mem_len: memory length M per layer (independent of ``segment_len``; 0 = none).
+      dim_head: per-head width (default ``dim // heads``).
+      ff_mult: feedforward inner width multiplier.
+      dropout: dropout on embeddings, residual branches and the feedforward inner layer.
+      attn_dropout: dropout on the attention probabilities.
+      pre_norm: pre-norm layers (default post-norm, as the paper).
+      untie_r: per-layer u, v biases (else one pair shared by every layer).
+      clamp_len: distances beyond it use the encoding of ``clamp_len``.
+      attn_implementation: ``xtx.ops.attention`` backend.
+    """
+
+    num_tokens: int
+    dim: int
+    depth: int
+    heads: int
+    segment_len: int
+    mem_len: int
+    dim_head: int | None = None
+    ff_mult: int = 4
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+    pre_norm: bool = False
+    untie_r: bool = True
+    clamp_len: int | None = None
+    attn_implementation: str = "auto"
+
+    def __post_init__(self):
+        for name in ("num_tokens", "dim", "depth", "heads", "segment_len", "ff_mult"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(self.mem_len, int) or self.mem_len < 0:
+            raise ValueError(f"mem_len must be an int >= 0, got {self.mem_len!r}")
+        if self.dim_head is None and self.dim % self.heads:
+            raise ValueError(
+                f"dim ({self.dim}) must be divisible by heads ({self.heads}), or give dim_head"
+            )
+        if self.dim % 2:
+            raise ValueError(f"dim must be even (sinusoidal distances), got {self.dim}")
+        if self.clamp_len is not None and self.clamp_len < 0:
+            raise ValueError(f"clamp_len must be None or >= 0, got {self.clamp_len!r}")
+        for name in ("dropout", "attn_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim_head or self.dim // self.heads
+
+
+class RelativeAttention(nn.Module):
+    """Transformer-XL attention over ``[memory; segment]`` with relative positions.
+
+    ``__call__(x [B, T, D], mem [B, M, D], mem_valid [B, M], u [N, H], v [N, H])``.
+    """
+
+    config: TransformerXLConfig
+
+    @nn.compact
+    def __call__(self, x, mem, mem_valid, u, v, *, deterministic=True):
+        cfg = self.config
+        N, H = cfg.heads, cfg.head_dim
+        B, T, D = x.shape
+        M = mem.shape[1]
+        S = M + T
+        kv_in = jnp.concatenate([mem.astype(x.dtype), x], axis=1)
+        q = Projection((N, H), (D,), (EMBED, HEADS, HEAD_DIM), name="to_q")(x)
+        k = Projection((N, H), (D,), (EMBED, HEADS, HEAD_DIM), name="to_k")(kv_in)
+        val = Projection((N, H), (D,), (EMBED, HEADS, HEAD_DIM), name="to_v")(kv_in)
+        # Column c encodes distance S - 1 - c (the official pos_seq), so that the bias
+        # column key - query + S - 1 holds distance query - key: the relative shift.
+        distance = jnp.arange(S - 1, -1, -1)
+        if cfg.clamp_len is not None:
+            distance = jnp.minimum(distance, cfg.clamp_len)
+        r = sinusoidal_embedding(distance, D).astype(x.dtype)  # [S, D]
+        r = Projection((N, H), (D,), (EMBED, HEADS, HEAD_DIM), name="to_r")(r)  # [S, N, H]
+        scale = H**-0.5
+        table = jnp.einsum("btnh,snh->bnts", q + v.astype(q.dtype), r) * scale
+        mask = AttentionMask(
+            causal=True,
+            key_padding=jnp.concatenate([mem_valid, jnp.ones((B, T), bool)], axis=1),
+        )
+        rng = None
+        if cfg.attn_dropout > 0.0 and not deterministic:
+            rng = self.make_rng("dropout")
+        out = attention(
+            q + u.astype(q.dtype),
+            k,
+            val,
+            mask=mask,
+            bias=RelativeBias(table=table, center=S - 1),
+            scale=scale,
+            dropout_rate=0.0 if deterministic else cfg.attn_dropout,
+            dropout_rng=rng,
+            implementation=cfg.attn_implementation,
+        )
+        return Projection((D,), (N, H), (HEADS, HEAD_DIM, EMBED), name="to_out")(out)
+
+
+class XLLayer(nn.Module):
+    """Relative attention and a ReLU feedforward, post-norm (or pre-norm)."""
+
+    config: TransformerXLConfig
+
+    @nn.compact
+    def __call__(self, x, mem, mem_valid, u, v, *, deterministic=True):
+        cfg = self.config
+        if cfg.untie_r:
+            u, v = _rel_biases(self, cfg)
+        attn = RelativeAttention(cfg, name="attn")
+        ff_in = Projection((cfg.dim * cfg.ff_mult,), (cfg.dim,), (EMBED, MLP), True, name="ff_in")
+        ff_out = Projection((cfg.dim,), (cfg.dim * cfg.ff_mult,), (MLP, EMBED), True, name="ff_out")
+
+        def ff(h):
+            h = dropout(self, jax.nn.relu(ff_in(h)), cfg.dropout, deterministic)
+            return ff_out(h)
+
+        if cfg.pre_norm:
+            norm = Norm("layernorm", name="attn_norm")
+            branch = attn(norm(x), norm(mem), mem_valid, u, v, deterministic=deterministic)
+            x = x + dropout(self, branch, cfg.dropout, deterministic)
+            branch = ff(Norm("layernorm", name="ff_norm")(x))
+            return x + dropout(self, branch, cfg.dropout, deterministic)
+        branch = attn(x, mem, mem_valid, u, v, deterministic=deterministic)
+        x = Norm("layernorm", name="attn_norm")(
+            x + dropout(self, branch, cfg.dropout, deterministic)
+        )
+        branch = ff(x)
+        return Norm("layernorm", name="ff_norm")(
+            x + dropout(self, branch, cfg.dropout, deterministic)
+        )
+
+
+def _rel_biases(module: nn.Module, cfg: TransformerXLConfig) -> tuple[Array, Array]:
+    """The learned u (``r_w_bias``) and v (``r_r_bias``), ``[N, H]`` each, zero-initialised."""
+    init = nn.with_logical_partitioning(nn.initializers.zeros, (HEADS, HEAD_DIM))
+    shape = (cfg.heads, cfg.head_dim)
+    return module.param("r_w_bias", init, shape), module.param("r_r_bias", init, shape)
+
+
+class TransformerXL(nn.Module, metaclass=ConfiguredMeta):
+    """A Transformer-XL language model with explicit recurrent state.
+
+    Build it from keywords (``TransformerXL(num_tokens=256, dim=512, depth=6, heads=8,
+    segment_len=512, mem_len=512)``) or ``TransformerXL(config=cfg)``::
+
+        state = model.init_state(batch_size)
+        variables = model.init(key, tokens, state=state)
+        logits, state = model.apply(variables, tokens, state=state, reset=None)
+    """
+
+    config: TransformerXLConfig
+
+    @classmethod
+    def config_from_kwargs(cls, **kwargs: Any) -> TransformerXLConfig:
+        names = field_names(TransformerXLConfig)
+        for key in kwargs:
+            if key not in names:
+                raise unknown_keyword_error(cls.__name__, key, names)
+        return TransformerXLConfig(**kwargs)
+
+    def init_state(self, batch_size: int) -> XLState:
+        """Empty memories for ``batch_size`` rows (every row invalid)."""
+        cfg = self.config
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        return XLState(
+            mems=jnp.zeros((cfg.depth, batch_size, cfg.mem_len, cfg.dim), jnp.float32),
+            valid=jnp.zeros((batch_size, cfg.mem_len), bool),
+        )
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens: Array,
+        *,
+        state: XLState,
+        reset: Array | None = None,
+        deterministic: bool = True,
+    ) -> tuple[Array, XLState]:
+        """Logits ``[B, T, V]`` of one segment and the state for the next one.
+
+        Args:
+          tokens: ``[B, T]`` int ids, ``T <= segment_len``.
+          state: from ``init_state`` or the previous call.
+          reset: optional bool ``[B]``: clear these rows' state before the segment (a
+            document boundary).
+          deterministic: disable dropout (pass a ``"dropout"`` rng when False).
+        """
+        cfg = self.config
+        B, T = _check_inputs(cfg, tokens, state, reset)
+        mems, valid = state.mems, state.valid
+        if reset is not None:
+            keep = ~reset.astype(bool)
+            valid = valid & keep[:, None]
+            mems = jnp.where(keep[None, :, None, None], mems, 0.0)
+
+        embed = self.param(
+            "token_emb",
+            nn.with_logical_partitioning(nn.initializers.normal(1.0), (VOCAB, EMBED)),
+            (cfg.num_tokens, cfg.dim),
+        )
+        # The paper's (adaptive) embedding is scaled by sqrt(d).
+        x = jnp.take(embed, tokens, axis=0) * cfg.dim**0.5
+        x = dropout(self, x, cfg.dropout, deterministic)
+        u = v = None
+        if not cfg.untie_r:
+            u, v = _rel_biases(self, cfg)
+        hiddens = []
+        for i in range(cfg.depth):
+            hiddens.append(x)
+            x = XLLayer(cfg, name=f"layers_{i}")(
+                x, mems[i], valid, u, v, deterministic=deterministic
+            )
+        if cfg.pre_norm:
+            x = Norm("layernorm", name="final_norm")(x)
+        x = dropout(self, x, cfg.dropout, deterministic)
+        logits = Projection((cfg.num_tokens,), (cfg.dim,), (EMBED, VOCAB), True, name="to_logits")(
+            x
+        )
+        return logits, _next_state(cfg, mems, valid, hiddens)
+
+
+def _next_state(cfg: TransformerXLConfig, mems: Array, valid: Array, hiddens: list) -> XLState:
+    """The last ``mem_len`` layer inputs of ``[memory; segment]``, without gradient."""
+    M = cfg.mem_len
+    B, T = valid.shape[0], hiddens[0].shape[1]
+    new = jnp.stack([h.astype(jnp.float32) for h in hiddens])  # [L, B, T, D]
+    mems = jnp.concatenate([mems, jax.lax.stop_gradient(new)], axis=2)[
+        :, :, mems.shape[2] + T - M :
+    ]
+    valid = jnp.concatenate([valid, jnp.ones((B, T), bool)], axis=1)[:, valid.shape[1] + T - M :]
+    return XLState(mems=mems, valid=valid)
+
+
+def _check_inputs(cfg: TransformerXLConfig, tokens: Array, state: Any, reset: Any):
+    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"tokens must be int [B, T], got {tokens.dtype} {tokens.shape}")
+    B, T = tokens.shape
+    if T > cfg.segment_len:
+        raise ValueError(
+            f"tokens has {T} positions, more than segment_len={cfg.segment_len}; "
+            f"split the sequence into segments"
+        )
+    if not isinstance(state, XLState):
+        raise TypeError(f"state must be an XLState from init_state, got {type(state).__name__}")
+    expected = (cfg.depth, B, cfg.mem_len, cfg.dim)
+    if tuple(state.mems.shape) != expected or tuple(state.valid.shape) != (B, cfg.mem_len):
+        raise ValueError(
+            f"state was built for another batch size or config: mems {tuple(state.mems.shape)}, "
+            f"valid {tuple(state.valid.shape)}; this call needs mems [depth, B, mem_len, dim] "
+            f"= {expected}, valid {(B, cfg.mem_len)} (use init_state({B}))"
+        )
+    if reset is not None and tuple(jnp.shape(reset)) != (B,):
+        raise ValueError(f"reset must be bool [B] = ({B},), got shape {tuple(jnp.shape(reset))}")
+    return B, T
