@@ -40,6 +40,10 @@ def _cases(bias, padding):
         "sliding-window": (AttentionMask(causal=True, window=(9, None)), None),
         "two-sided-window-head-bias": (AttentionMask(window=(5, 5)), bias[:, :1]),
         "int-offset-asymmetric-window": (AttentionMask(window=(6, 3), q_offset=10), None),
+        "prefix-keys-causal-window-padding": (
+            AttentionMask(causal=True, window=(4, None), prefix=11, key_padding=padding),
+            None,
+        ),
     }
 
 
@@ -50,6 +54,7 @@ CASE_NAMES = [
     "sliding-window",
     "two-sided-window-head-bias",
     "int-offset-asymmetric-window",
+    "prefix-keys-causal-window-padding",
 ]
 
 
@@ -166,6 +171,9 @@ def test_dropout_is_exact_with_the_block_masks():
         AttentionMask(window=(7, 11)),
         AttentionMask(window=(None, 4), q_offset=-3),
         AttentionMask(),
+        AttentionMask(causal=True, window=(5, None), prefix=9),
+        AttentionMask(window=(3, 3), prefix=16),
+        AttentionMask(causal=True, q_offset=-4, prefix=20),
     ],
 )
 @pytest.mark.parametrize("T, S, bq, bk", [(37, 53, 16, 8), (64, 64, 16, 16), (20, 90, 8, 32)])
@@ -184,14 +192,16 @@ def test_blocks_run_without_mask_only_where_every_real_query_sees_every_key(mask
             block = rows[:, kj * bk : kj * bk + bk]
             if full_lo <= kj < full_hi:
                 assert block.shape[1] == bk and block.all(), (qi, kj)
-            if not lo <= kj < hi:
+            visited = lo <= kj < hi or kj * bk < mask.prefix
+            if not visited:
                 assert not block.any(), (qi, kj)  # skipped blocks hide every key
         # The interior is not needlessly small: fully visible blocks inside [lo, hi)
-        # that are not at the edges of the masked region count as unmasked.
+        # past the prefix keys (whose blocks always take the masked path) are unmasked.
         full = [
             kj
             for kj in range(lo, hi)
-            if rows[:, kj * bk : kj * bk + bk].shape[1] == bk
+            if kj * bk >= mask.prefix
+            and rows[:, kj * bk : kj * bk + bk].shape[1] == bk
             and rows[:, kj * bk : kj * bk + bk].all()
         ]
         if full:

@@ -64,17 +64,18 @@ def _key_block_range(mask: AttentionMask, T: int, S: int, qi: Array, bq: int, bk
     lo, hi = jnp.int32(0), jnp.int32(n_kb)
     if mask.q_offset is not None and jnp.ndim(mask.q_offset) > 0:
         return lo, hi  # per-row offsets: keep every block, the dense test masks rows
-    offset = S - T if mask.q_offset is None else mask.q_offset
+    P = mask.prefix  # key index = position + P
+    offset = S - P - T if mask.q_offset is None else mask.q_offset
     first_q = qi * bq + offset
     last_q = jnp.minimum(qi * bq + bq, T) - 1 + offset
     left, right = mask.window
     if mask.causal:
         right = 0 if right is None else min(right, 0)
     if right is not None:
-        hi = jnp.clip((last_q + right) // bk + 1, 0, n_kb)
+        hi = jnp.clip((last_q + right + P) // bk + 1, 0, n_kb)
     if left is not None:
-        lo = jnp.clip((first_q - left) // bk, 0, n_kb)
-    return lo.astype(jnp.int32), jnp.maximum(hi, lo).astype(jnp.int32)
+        lo = jnp.clip((first_q - left + P) // bk, 0, n_kb)
+    return jnp.asarray(lo, jnp.int32), jnp.maximum(hi, lo).astype(jnp.int32)
 
 
 def _unmasked_block_range(mask: AttentionMask, T: int, S: int, qi, lo, hi, bq: int, bk: int):
@@ -90,7 +91,8 @@ def _unmasked_block_range(mask: AttentionMask, T: int, S: int, qi, lo, hi, bq: i
         or (mask.q_offset is not None and jnp.ndim(mask.q_offset) > 0)
     ):
         return lo, lo
-    offset = S - T if mask.q_offset is None else mask.q_offset
+    P = mask.prefix  # key index = position + P
+    offset = S - P - T if mask.q_offset is None else mask.q_offset
     first_q = qi * bq + offset
     # Padded query rows past T are computed and cut away: they need no mask.
     last_q = jnp.minimum(qi * bq + bq, T) - 1 + offset
@@ -98,10 +100,11 @@ def _unmasked_block_range(mask: AttentionMask, T: int, S: int, qi, lo, hi, bq: i
     if mask.causal:
         right = 0 if right is None else min(right, 0)
     full_lo, full_hi = lo, jnp.minimum(hi, S // bk)  # a partial last key block is masked
+    full_lo = jnp.maximum(full_lo, -(-P // bk))  # blocks holding prefix keys are masked
     if right is not None:  # block end - first query <= right
-        full_hi = jnp.minimum(full_hi, (first_q + right + 1) // bk)
+        full_hi = jnp.minimum(full_hi, (first_q + right + 1 + P) // bk)
     if left is not None:  # block start - last query >= -left
-        full_lo = jnp.maximum(full_lo, -((left - last_q) // bk))
+        full_lo = jnp.maximum(full_lo, -((left - last_q - P) // bk))
     full_lo = jnp.clip(full_lo, lo, hi).astype(jnp.int32)
     return full_lo, jnp.clip(full_hi, full_lo, hi).astype(jnp.int32)
 
@@ -114,7 +117,12 @@ def _visit_key_blocks(mask, T, S, qi, bq, bk, body, init):
     """
     lo, hi = _key_block_range(mask, T, S, qi, bq, bk)
     full_lo, full_hi = _unmasked_block_range(mask, T, S, qi, lo, hi, bq, bk)
-    carry = jax.lax.fori_loop(lo, full_lo, body(True), init)
+    carry = init
+    prefix_blocks = -(-mask.prefix // bk)
+    if prefix_blocks:  # prefix keys are seen by all: their blocks outside [lo, hi) too
+        carry = jax.lax.fori_loop(0, jnp.minimum(prefix_blocks, lo), body(True), carry)
+        carry = jax.lax.fori_loop(hi, jnp.maximum(prefix_blocks, hi), body(True), carry)
+    carry = jax.lax.fori_loop(lo, full_lo, body(True), carry)
     carry = jax.lax.fori_loop(full_lo, full_hi, body(False), carry)
     return jax.lax.fori_loop(full_hi, hi, body(True), carry)
 
@@ -129,7 +137,8 @@ def _block_mask(mask, T, S, qi, kj, bq, bk, kp, qseg, kseg):
         q_pos = mask.query_positions(T, S)  # [T] or [B, T]
         q_pos = jnp.pad(q_pos, [(0, 0)] * (q_pos.ndim - 1) + [(0, bq)])
         q_pos = jax.lax.dynamic_slice_in_dim(q_pos, qi * bq, bq, axis=-1)
-        rel = k_idx[None, :] - q_pos[..., :, None]  # [bq, bk] or [B, bq, bk]
+        k_pos = k_idx - mask.prefix
+        rel = k_pos[None, :] - q_pos[..., :, None]  # [bq, bk] or [B, bq, bk]
         ok = jnp.ones(rel.shape, bool)
         left, right = mask.window
         if mask.causal:
@@ -138,6 +147,7 @@ def _block_mask(mask, T, S, qi, kj, bq, bk, kp, qseg, kseg):
             ok &= rel <= right
         if left is not None:
             ok &= rel >= -left
+        ok |= k_pos[None, :] < 0  # prefix keys: seen by every query
         keep = keep & (ok[None, None, None] if ok.ndim == 2 else ok[:, None, None])
     if kp is not None:
         kpb = jax.lax.dynamic_slice_in_dim(kp, kj * bk, bk, axis=1)  # [B, bk]

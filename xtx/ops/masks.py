@@ -10,6 +10,10 @@ queries are right-aligned with the keys (``q_offset = S - T``), which is what XL
 memories, memory key/values and KV caches need: the last query is the last key. Never
 use a top-left ``is_causal`` when keys are longer than queries.
 
+Prefix keys. The first ``prefix`` keys (global tokens, memory key/values) have no
+position: every query sees them, whatever ``causal`` and ``window`` say (padding and
+segment ids still apply), and key ``j >= prefix`` sits at position ``j - prefix``.
+
 Shapes: B batch, N heads, T queries, S keys. ``True`` means "may attend".
 """
 
@@ -38,6 +42,7 @@ class AttentionMask:
       q_segment_ids, kv_segment_ids: ``[B, T]`` / ``[B, S]`` ints; a query only sees keys
         of its own segment (packed sequences).
       explicit: any bool array broadcastable to ``[B, N, T, S]``.
+      prefix: leading keys without a position that every query sees (static int).
     """
 
     causal: bool = False
@@ -47,8 +52,11 @@ class AttentionMask:
     q_segment_ids: Array | None = None
     kv_segment_ids: Array | None = None
     explicit: Array | None = None
+    prefix: int = 0
 
     def __post_init__(self):
+        if not isinstance(self.prefix, int) or isinstance(self.prefix, bool) or self.prefix < 0:
+            raise ValueError(f"prefix must be an int >= 0, got {self.prefix!r}")
         if len(self.window) != 2:
             raise ValueError(f"window must be a (left, right) pair, got {self.window!r}")
         for side, w in zip(("left", "right"), self.window, strict=True):
@@ -69,8 +77,8 @@ class AttentionMask:
         )
 
     def query_positions(self, T: int, S: int) -> Array:
-        """Key-axis positions of the queries: ``[T]`` or ``[B, T]`` int32."""
-        offset = S - T if self.q_offset is None else self.q_offset
+        """Positions of the queries among the positioned keys: ``[T]`` or ``[B, T]`` int32."""
+        offset = S - self.prefix - T if self.q_offset is None else self.q_offset
         offset = jnp.asarray(offset, jnp.int32)
         pos = jnp.arange(T, dtype=jnp.int32)
         return pos + offset[..., None] if offset.ndim else pos + offset
@@ -80,7 +88,7 @@ class AttentionMask:
         parts = []
         if self.causal or self.window != (None, None):
             q_pos = self.query_positions(T, S)[..., :, None]  # [T, 1] or [B, T, 1]
-            k_pos = jnp.arange(S, dtype=jnp.int32)
+            k_pos = jnp.arange(S, dtype=jnp.int32) - self.prefix
             rel = k_pos - q_pos  # key position minus query position
             keep = jnp.ones(rel.shape, bool)
             left, right = self.window
@@ -90,6 +98,7 @@ class AttentionMask:
                 keep &= rel <= right
             if left is not None:
                 keep &= rel >= -left
+            keep |= k_pos < 0  # prefix keys: seen by every query
             parts.append(keep[None, None] if keep.ndim == 2 else keep[:, None])
         if self.key_padding is not None:
             parts.append(self.key_padding[:, None, None, :].astype(bool))
@@ -111,7 +120,7 @@ class AttentionMask:
 jax.tree_util.register_dataclass(
     AttentionMask,
     data_fields=["q_offset", "key_padding", "q_segment_ids", "kv_segment_ids", "explicit"],
-    meta_fields=["causal", "window"],
+    meta_fields=["causal", "window", "prefix"],
 )
 
 

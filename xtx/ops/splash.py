@@ -103,6 +103,8 @@ def splash_unsupported_reason(
         return "splash attention has no dropout"
     if mask is None:
         return None
+    if mask.prefix:
+        return "prefix keys (seen by every query) are not a splash mask"
     if mask.explicit is not None:
         return "splash attention takes no explicit dense mask"
     if (mask.causal or mask.window != (None, None)) and _static_q_offset(
