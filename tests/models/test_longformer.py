@@ -1,0 +1,140 @@
+"""Longformer: windows, dilation and global tokens equal dense attention under the same mask."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from xtx.models.longformer import Longformer, LongformerAttention, LongformerConfig
+from xtx.ops import AttentionMask, reference_attention
+
+T, D, N = 21, 32, 4
+H = D // N
+
+
+def _dense_mask(T, window, causal, dilations, is_global):
+    """[N, T, T]: query i sees key j within the head's dilated window, or any global key."""
+    i, j = np.arange(T)[:, None], np.arange(T)[None, :]
+    masks = []
+    for d in dilations:
+        rel = j - i
+        ok = (rel % d == 0) & (rel >= -window * d) & (rel <= (0 if causal else window * d))
+        masks.append(ok | is_global[None, :])
+    return np.stack(masks)
+
+
+def _proj(p, name, x):
+    return np.einsum("btd,dnh->btnh", x, np.asarray(p[name]["kernel"]))
+
+
+@pytest.mark.parametrize(
+    "causal, dilation, globals_",
+    [(True, (1, 1, 1, 1), ()), (True, (1, 2, 3, 1), ()), (False, (1, 2, 1, 2), (0, 7, 20))],
+)
+@pytest.mark.parametrize("implementation", ["reference", "blockwise"])
+def test_window_dilation_global_attention_equals_dense(causal, dilation, globals_, implementation):
+    cfg = LongformerConfig(
+        num_tokens=8,
+        dim=D,
+        depth=1,
+        heads=N,
+        window=3,
+        dilation=dilation,
+        causal=causal,
+        max_global=4 if globals_ else 0,
+        attn_implementation=implementation,
+    )
+    x = jax.random.normal(jax.random.key(0), (2, T, D))
+    layer = LongformerAttention(cfg)
+    g_idx = g_valid = None
+    is_global = np.zeros(T, bool)
+    if globals_:
+        g_idx = jnp.asarray([list(globals_) + [0]] * 2)  # the last slot is padding
+        g_valid = jnp.asarray([[True] * len(globals_) + [False]] * 2)
+        is_global[list(globals_)] = True
+    params = nn.meta.unbox(layer.init(jax.random.key(1), x, g_idx, g_valid))["params"]
+    got = layer.apply({"params": params}, x, g_idx, g_valid)
+
+    q, k, v = (_proj(params, n, x) for n in ("to_q", "to_k", "to_v"))
+    mask = _dense_mask(T, 3, causal, dilation, is_global)
+    local = reference_attention(q, k, v, mask=AttentionMask(explicit=jnp.asarray(mask)[None]))
+    out = np.array(local)
+    if globals_:
+        gq = _proj(params, "to_q_global", x)[:, list(globals_)]
+        gk, gv = _proj(params, "to_k_global", x), _proj(params, "to_v_global", x)
+        out[:, list(globals_)] = np.asarray(reference_attention(gq, gk, gv))
+    want = np.einsum("btnh,nhd->btd", out, np.asarray(params["to_out"]["kernel"]))
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-5)
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    model = Longformer(num_tokens=16, dim=D, depth=2, heads=N, window=2, causal=False)
+    tokens = jax.random.randint(jax.random.key(0), (1, 40), 0, 16)
+    variables = model.init(jax.random.key(1), tokens, state=model.init_state(1))
+    return model, variables, tokens
+
+
+def test_receptive_field_is_window_times_depth(encoder):
+    model, variables, tokens = encoder
+    apply = jax.jit(lambda t: model.apply(variables, t)[0])
+    base = apply(tokens)
+    t = 20
+    moved = apply(tokens.at[0, t].set((tokens[0, t] + 1) % 16))
+    changed = np.abs(np.asarray(moved - base)).max(-1)[0] > 1e-6
+    reach = 2 * 2  # window x depth
+    assert changed[t - reach : t + reach + 1].all()
+    assert not changed[: t - reach].any() and not changed[t + reach + 1 :].any()
+
+
+def test_causal_language_model_never_looks_ahead_and_trains():
+    model = Longformer(num_tokens=16, dim=D, depth=2, heads=N, window=4, dilation=(1, 1, 2, 2))
+    tokens = jax.random.randint(jax.random.key(0), (2, 33), 0, 16)
+    state = model.init_state(2)
+    variables = model.init(jax.random.key(1), tokens, state=state)
+    logits, new_state = model.apply(variables, tokens, state=state)
+    assert new_state == state
+    t = 17
+    moved, _ = model.apply(variables, tokens.at[:, t].set(0), state=state)
+    np.testing.assert_allclose(moved[:, :t], logits[:, :t], atol=1e-6)
+
+    def loss(p):
+        out, _ = model.apply({"params": p}, tokens[:, :-1], state=state)
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(out), tokens[:, 1:, None], -1))
+
+    grad = jax.jit(jax.value_and_grad(loss))
+    params = variables["params"]
+    first, g = grad(params)
+    assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(g))
+    for _ in range(30):
+        value, g = grad(params)
+        params = jax.tree.map(lambda p, g: p - 0.05 * g, params, g)
+    assert grad(params)[0] < first
+
+
+def test_global_tokens_reach_everything(encoder):
+    model = Longformer(num_tokens=16, dim=D, depth=1, heads=N, window=2, causal=False, max_global=2)
+    tokens = jax.random.randint(jax.random.key(0), (1, 40), 0, 16)
+    gmask = jnp.zeros((1, 40), bool).at[0, 0].set(True)
+    variables = model.init(jax.random.key(1), tokens, global_mask=gmask)
+    base, _ = model.apply(variables, tokens, global_mask=gmask)
+    moved, _ = model.apply(variables, tokens.at[0, 30].set(0), global_mask=gmask)
+    assert not np.allclose(moved[0, 0], base[0, 0], atol=1e-6)  # global row sees token 30
+    np.testing.assert_allclose(moved[0, 10], base[0, 10], atol=1e-6)  # a local row does not
+
+
+def test_bad_input_is_named():
+    with pytest.raises(ValueError, match="causal.*max_global"):
+        LongformerConfig(num_tokens=8, dim=D, depth=1, heads=N, window=2, max_global=1)
+    with pytest.raises(ValueError, match="dilation of layer 0 must be 4 ints"):
+        LongformerConfig(num_tokens=8, dim=D, depth=1, heads=N, window=2, dilation=(1, 2))
+    with pytest.raises(ValueError, match="window must be"):
+        LongformerConfig(num_tokens=8, dim=D, depth=2, heads=N, window=(2,))
+    model = Longformer(num_tokens=8, dim=D, depth=1, heads=N, window=2)
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    variables = model.init(jax.random.key(0), tokens)
+    with pytest.raises(ValueError, match="max_global=0"):
+        model.apply(variables, tokens, global_mask=jnp.ones((1, 8), bool))
+    with pytest.raises(ValueError, match="reset must be bool"):
+        model.apply(variables, tokens, reset=jnp.ones((2,), bool))
