@@ -4,9 +4,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
+from tests.models.gallery import counting_step, roll, train_recall
 from xtx.models.transformer_xl import (
     RelativeAttention,
     TransformerXL,
@@ -78,37 +78,17 @@ def model_and_vars():
 
 @pytest.fixture(scope="module")
 def run(model_and_vars):
-    """A jitted segment step that counts its traces."""
-    model, variables = model_and_vars
-    traces = []
-
-    @jax.jit
-    def step(tokens, state, reset):
-        traces.append(1)
-        return model.apply(variables, tokens, state=state, reset=reset)
-
-    step.traces = traces
-    return step
+    return counting_step(*model_and_vars)
 
 
 def _segments(seed, n=3):
     return jax.random.randint(jax.random.key(seed), (n, 2, SEG), 0, V)
 
 
-def _roll(run, model, segs, resets=None):
-    state = model.init_state(segs.shape[1])
-    outs = []
-    for i, seg in enumerate(segs):
-        reset = jnp.zeros((seg.shape[0],), bool) if resets is None else resets[i]
-        logits, state = run(seg, state, reset)
-        outs.append(logits)
-    return outs, state
-
-
 def test_three_segments_compile_once_and_state_has_fixed_shapes(run, model_and_vars):
     model, _ = model_and_vars
     before = len(run.traces)
-    outs, state = _roll(run, model, _segments(1))
+    outs, state = roll(run, model, _segments(1))
     assert len(run.traces) - before <= 1
     assert isinstance(state, XLState) and state.mems.shape == (2, 2, MEM, 32)
     assert bool(state.valid.all())
@@ -118,10 +98,10 @@ def test_three_segments_compile_once_and_state_has_fixed_shapes(run, model_and_v
 def test_causal_within_and_across_segments(run, model_and_vars):
     model, _ = model_and_vars
     segs = _segments(2)
-    base, _ = _roll(run, model, segs)
+    base, _ = roll(run, model, segs)
     t = 3
     changed = segs.at[1, :, t].set((segs[1, :, t] + 1) % V)
-    outs, _ = _roll(run, model, changed)
+    outs, _ = roll(run, model, changed)
     np.testing.assert_array_equal(outs[0], base[0])
     np.testing.assert_allclose(outs[1][:, :t], base[1][:, :t], atol=1e-6)
     assert not np.allclose(outs[1][:, t:], base[1][:, t:], atol=1e-4)
@@ -131,13 +111,13 @@ def test_causal_within_and_across_segments(run, model_and_vars):
 def test_memory_carries_information_and_reset_clears_it(run, model_and_vars):
     model, _ = model_and_vars
     segs = _segments(3, n=2)
-    base, _ = _roll(run, model, segs)
+    base, _ = roll(run, model, segs)
     other = segs.at[0].set((segs[0] + 5) % V)
-    outs, _ = _roll(run, model, other)
+    outs, _ = roll(run, model, other)
     assert not np.allclose(outs[1], base[1], atol=1e-4), "segment 1 must reach segment 2"
     reset = [jnp.zeros((2,), bool), jnp.array([True, False])]
-    base_r, _ = _roll(run, model, segs, reset)
-    outs_r, _ = _roll(run, model, other, reset)
+    base_r, _ = roll(run, model, segs, reset)
+    outs_r, _ = roll(run, model, other, reset)
     np.testing.assert_allclose(outs_r[1][0], base_r[1][0], atol=1e-6)  # row 0 forgot
     assert not np.allclose(outs_r[1][1], base_r[1][1], atol=1e-4)  # row 1 did not
     fresh, _ = run(segs[1], model.init_state(2), jnp.zeros((2,), bool))
@@ -156,50 +136,10 @@ def test_memory_length_is_independent_of_segment_length():
     np.testing.assert_allclose(state2.mems[:, :, 0], state.mems[:, :, 2], atol=0)
 
 
-def _recall_batch(key, batch):
-    """Segment 1 shows a key token among fillers; segment 2 must repeat it everywhere."""
-    k1, k2 = jax.random.split(key)
-    keys = jax.random.randint(k1, (batch,), 2, V)
-    where = jax.random.randint(k2, (batch,), 0, SEG)
-    seg1 = jnp.where(jnp.arange(SEG) == where[:, None], keys[:, None], 0)
-    seg2 = jnp.ones((batch, SEG), jnp.int32)  # a constant "recall" prompt
-    return seg1, seg2, keys
-
-
-def _train_recall(reset_between: bool, steps: int = 150):
-    model = TransformerXL(**{**KW, "depth": 1})
-    tokens = jnp.zeros((16, SEG), jnp.int32)
-    params = model.init(jax.random.key(0), tokens, state=model.init_state(16))["params"]
-    opt = optax.adam(1e-2)
-    opt_state = opt.init(params)
-
-    def loss_fn(p, key):
-        seg1, seg2, keys = _recall_batch(key, 16)
-        state = model.init_state(16)
-        _, state = model.apply({"params": p}, seg1, state=state)
-        reset = jnp.full((16,), reset_between)
-        logits, _ = model.apply({"params": p}, seg2, state=state, reset=reset)
-        targets = jnp.broadcast_to(keys[:, None], seg2.shape)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
-
-    @jax.jit
-    def step(p, s, key):
-        loss, g = jax.value_and_grad(loss_fn)(p, key)
-        assert_finite = jax.tree.reduce(lambda a, b: a & jnp.isfinite(b).all(), g, True)
-        updates, s = opt.update(g, s, p)
-        return optax.apply_updates(p, updates), s, loss, assert_finite
-
-    losses = []
-    for i in range(steps):
-        params, opt_state, loss, finite = step(params, opt_state, jax.random.key(i))
-        assert bool(finite)
-        losses.append(float(loss))
-    return np.mean(losses[:10]), np.mean(losses[-10:])
-
-
 def test_state_beats_reset_on_a_recall_task_and_loss_falls():
-    first, with_state = _train_recall(reset_between=False)
-    _, without_state = _train_recall(reset_between=True)
+    model = TransformerXL(**{**KW, "depth": 1})
+    first, with_state = train_recall(model, seg_len=SEG, vocab=V, reset_between=False)
+    _, without_state = train_recall(model, seg_len=SEG, vocab=V, reset_between=True)
     assert with_state < 0.5 * first  # it learns
     # Without the state the key is unknowable: chance is log(10) = 2.3 nats.
     assert without_state > 2.0

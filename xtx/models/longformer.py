@@ -285,7 +285,7 @@ class Longformer(nn.Module, metaclass=ConfiguredMeta):
             global_valid = jnp.take_along_axis(global_mask, global_idx, axis=1)
         embed = self.param(
             "token_emb",
-            nn.with_logical_partitioning(nn.initializers.normal(0.02), (VOCAB, EMBED)),
+            nn.with_logical_partitioning(nn.initializers.normal(1.0), (VOCAB, EMBED)),
             (cfg.num_tokens, cfg.dim),
         )
         x = jnp.take(embed, tokens, axis=0) + sinusoidal_embedding(jnp.arange(T), cfg.dim)

@@ -1,0 +1,74 @@
+"""Checks shared by the long-context gallery's tests (the common state contract)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+
+def counting_step(model, variables):
+    """A jitted ``(tokens, state, reset) -> (logits, state)`` that counts its traces."""
+    traces = []
+
+    @jax.jit
+    def step(tokens, state, reset):
+        traces.append(1)
+        return model.apply(variables, tokens, state=state, reset=reset)
+
+    step.traces = traces
+    return step
+
+
+def roll(step, model, segments, resets=None):
+    """Runs ``segments [n, B, T]`` through ``step`` from a fresh state; logits per segment."""
+    state = model.init_state(segments.shape[1])
+    outs = []
+    for i, seg in enumerate(segments):
+        reset = jnp.zeros((seg.shape[0],), bool) if resets is None else resets[i]
+        logits, state = step(seg, state, reset)
+        outs.append(logits)
+    return outs, state
+
+
+def recall_batch(key, batch, seg_len, vocab):
+    """Segment 1 hides a key token among fillers (0); segment 2 must repeat it everywhere."""
+    k1, k2 = jax.random.split(key)
+    keys = jax.random.randint(k1, (batch,), 2, vocab)
+    where = jax.random.randint(k2, (batch,), 0, seg_len)
+    seg1 = jnp.where(jnp.arange(seg_len) == where[:, None], keys[:, None], 0)
+    seg2 = jnp.ones((batch, seg_len), jnp.int32)  # a constant "recall" prompt
+    return seg1, seg2, keys
+
+
+def train_recall(model, *, seg_len, vocab, reset_between, steps=150, lr=1e-2, batch=16):
+    """Trains on ``recall_batch`` through two segments; mean loss of the first/last 10 steps.
+
+    Gradients flow through the state from segment 2 into segment 1 (where the model
+    allows it). Every step's gradients must be finite.
+    """
+    tokens = jnp.zeros((batch, seg_len), jnp.int32)
+    params = model.init(jax.random.key(0), tokens, state=model.init_state(batch))["params"]
+    opt = optax.adam(lr)
+    opt_state = opt.init(params)
+
+    def loss_fn(p, key):
+        seg1, seg2, keys = recall_batch(key, batch, seg_len, vocab)
+        _, state = model.apply({"params": p}, seg1, state=model.init_state(batch))
+        reset = jnp.full((batch,), reset_between)
+        logits, _ = model.apply({"params": p}, seg2, state=state, reset=reset)
+        targets = jnp.broadcast_to(keys[:, None], seg2.shape)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+    @jax.jit
+    def step(p, s, key):
+        loss, g = jax.value_and_grad(loss_fn)(p, key)
+        finite = jax.tree.reduce(lambda a, b: a & jnp.isfinite(b).all(), g, True)
+        updates, s = opt.update(g, s, p)
+        return optax.apply_updates(p, updates), s, loss, finite
+
+    losses = []
+    for i in range(steps):
+        params, opt_state, loss, finite = step(params, opt_state, jax.random.key(i))
+        assert bool(finite), f"non-finite gradient at step {i}"
+        losses.append(float(loss))
+    return np.mean(losses[:10]), np.mean(losses[-10:])
