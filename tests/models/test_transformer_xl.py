@@ -162,3 +162,14 @@ def test_bad_input_is_named(model_and_vars):
         TransformerXL(**{**KW, "mem_lenn": 3})
     with pytest.raises(ValueError, match="mem_len must be"):
         TransformerXLConfig(**{**KW, "mem_len": -1})
+
+
+def test_empty_memory_is_plain_relative_attention(model_and_vars):
+    """A fresh state (every memory row invalid) equals a model with no memory at all."""
+    model, variables = model_and_vars
+    tokens = _segments(5, n=1)[0]
+    with_memory, _ = model.apply(variables, tokens, state=model.init_state(2))
+    no_memory = TransformerXL(**{**KW, "mem_len": 0})
+    plain, state = no_memory.apply(variables, tokens, state=no_memory.init_state(2))
+    np.testing.assert_allclose(with_memory, plain, atol=1e-5)
+    assert state.mems.shape == (2, 2, 0, 32)
