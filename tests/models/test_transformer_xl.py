@@ -173,3 +173,20 @@ def test_empty_memory_is_plain_relative_attention(model_and_vars):
     plain, state = no_memory.apply(variables, tokens, state=no_memory.init_state(2))
     np.testing.assert_allclose(with_memory, plain, atol=1e-5)
     assert state.mems.shape == (2, 2, 0, 32)
+
+
+def test_no_gradient_flows_into_past_segments(model_and_vars):
+    """The paper's SG(memory): segment 2's loss has no gradient into segment 1's tokens."""
+    model, variables = model_and_vars
+    params = nn.meta.unbox(variables)["params"]
+    segs = _segments(6, n=2)
+
+    def second_segment_loss(emb):
+        p = dict(params, token_emb=emb)
+        _, state = model.apply({"params": p}, segs[0], state=model.init_state(2))
+        p2 = dict(p, token_emb=jax.lax.stop_gradient(emb))
+        logits, _ = model.apply({"params": p2}, segs[1], state=state)
+        return jnp.sum(logits**2)
+
+    g = jax.grad(second_segment_loss)(params["token_emb"])
+    np.testing.assert_array_equal(np.asarray(g), 0.0)
