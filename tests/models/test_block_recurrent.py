@@ -17,9 +17,9 @@ V, SEG, W = 12, 8, 4
 KW = dict(num_tokens=V, dim=32, depth=2, heads=4, segment_len=SEG, block_len=W, num_state=4)
 
 
-@pytest.fixture(scope="module", params=["fixed", "lstm"])
-def setup(request):
-    model = BlockRecurrentTransformer(**KW, gate=request.param, recurrent_layer=1)
+@pytest.fixture(scope="module")
+def setup():
+    model = BlockRecurrentTransformer(**KW, recurrent_layer=1)
     variables = model.init(
         jax.random.key(0), jnp.zeros((2, SEG), jnp.int32), state=model.init_state(2)
     )
@@ -47,6 +47,18 @@ def test_three_segments_compile_once(setup):
     assert len(step.traces) - before <= 1
     assert isinstance(state, BlockRecurrentState) and state.state.shape == (2, 4, 32)
     assert all(bool(jnp.isfinite(o).all()) for o in outs)
+
+
+def test_lstm_gate_runs_and_keeps_the_state_moving():
+    model = BlockRecurrentTransformer(**KW, gate="lstm", recurrent_layer=1)
+    segs = _segments(7, n=2)
+    variables = model.init(jax.random.key(0), segs[0], state=model.init_state(2))
+    step = counting_step(model, variables)
+    outs, state = roll(step, model, segs)
+    assert len(step.traces) == 1
+    assert all(bool(jnp.isfinite(o).all()) for o in outs)
+    _, state2 = step(segs[1], state, jnp.zeros((2,), bool))
+    assert not np.allclose(state2.state, state.state, atol=1e-4)
 
 
 def test_causal_within_blocks_and_across_segments(setup):

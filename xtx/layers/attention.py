@@ -17,6 +17,13 @@ attention, logit softclamp, residual attention (RealFormer) 2012.11747, and the 
 Shapes: x ``[B, T, D]``, context ``[B, S, Dc]``; inside, q ``[B, T, N, H]`` and k, v
 ``[B, S, K, H]`` (N query heads, K key/value heads, H head dim).
 
+KV cache (decoding): a self-attention layer may take a ``LayerKVCache`` of fixed size
+``[B, L, K, H]`` and the number of positions already filled. The T new keys (after rotary,
+qk-norm and value-residual mixing: everything that is per token) are written at that
+offset with ``lax.dynamic_update_slice`` and the queries attend to all L slots with a
+causal mask offset by the fill; slots not yet written are masked by the key mask the stack
+passes in. Shapes never change, so one jitted decoding step serves every position.
+
 Parameters mirror x-transformers 2.x (bias-free q/k/v/out projections, memory k/v of
 shape ``[K, M, H]``) so that ``xtx.interop`` converts weights one to one.
 """
@@ -46,13 +53,31 @@ from xtx.ops.relative_bias import RelativeBias
 Array = jax.Array
 
 
-__all__ = ["Attention", "AttentionConfig", "AttentionIntermediates", "RotarySettings"]
+__all__ = [
+    "Attention",
+    "AttentionConfig",
+    "AttentionIntermediates",
+    "LayerKVCache",
+    "RotarySettings",
+]
 
 
 def _identity_init(key: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
     """Identity (torch's ``dirac_`` on a 1x1 conv): talking heads start as a no-op mix."""
     del key
     return jnp.eye(shape[0], shape[1], dtype=dtype)
+
+
+class LayerKVCache(NamedTuple):
+    """The key/value cache of one self-attention layer (a pytree of fixed shape).
+
+    Attributes:
+      keys: ``[B, L, K, H]`` keys after rotary / qk-norm, L cache slots.
+      values: ``[B, L, K, H]`` values (after value-residual mixing).
+    """
+
+    keys: Array
+    values: Array
 
 
 class AttentionIntermediates(NamedTuple):
@@ -62,11 +87,14 @@ class AttentionIntermediates(NamedTuple):
       logits: the final pre-softmax logits ``[B, N, T, S]`` (after talking heads, biases,
         softclamp and masks) when asked for with ``return_logits`` (residual attention);
         otherwise None.
-      values: the layer's values ``[B, S, K, H]`` (before memory key/values).
+      values: the layer's values ``[B, S, K, H]`` (before memory key/values; with a KV
+        cache, the T new tokens' values before mixing).
+      kv_cache: the updated ``LayerKVCache`` when one was passed in, else None.
     """
 
     logits: Array | None
     values: Array
+    kv_cache: LayerKVCache | None = None
 
 
 class Attention(nn.Module):
@@ -109,6 +137,8 @@ class Attention(nn.Module):
         prev_attn: Array | None = None,
         value_residual: Array | None = None,
         return_logits: bool = False,
+        kv_cache: LayerKVCache | None = None,
+        cache_index: Array | None = None,
         deterministic: bool = True,
     ) -> tuple[Array, AttentionIntermediates]:
         """Attends from x to itself (or to ``context``).
@@ -130,6 +160,12 @@ class Attention(nn.Module):
             learning, 2410.17897).
           return_logits: hand back the final pre-softmax logits in the intermediates
             (the next layer's ``prev_attn`` under residual attention).
+          kv_cache: self-attention only: the layer's ``LayerKVCache`` ``[B, L, K, H]``;
+            the new keys/values are written at ``cache_index`` and the queries attend to
+            all L slots (``key_mask`` must then be ``[B, L]``, False at empty slots, and
+            ``rotary_pos`` the ``[T]`` positions of the new tokens).
+          cache_index: int32 ``[]``, the number of cache slots already filled: the
+            position of the first of the T new tokens.
           deterministic: disable dropout.
 
         Returns:
@@ -142,6 +178,8 @@ class Attention(nn.Module):
         if D != self.dim:
             raise ValueError(f"Attention input must have last dim {self.dim}, got {x.shape}")
 
+        if kv_cache is not None:
+            self._check_cache(kv_cache, cache_index, B, mem)
         kv_input = x
         if self.is_cross:
             if context is None:
@@ -154,9 +192,14 @@ class Attention(nn.Module):
         q_input, k_input = x, kv_input
         if self.position_infused and not self.is_cross:
             # Shortformer: positions colour queries and keys only; queries are the last T
-            # of the S key positions (XL memory first).
-            pos_emb = sinusoidal_embedding(jnp.arange(S), D).astype(x.dtype)  # [S, D]
-            q_input, k_input = x + pos_emb[S - T :], kv_input + pos_emb
+            # of the S key positions (XL memory first), or follow the cache fill.
+            if kv_cache is not None:
+                pos = cache_index + jnp.arange(T)
+                pos_emb = sinusoidal_embedding(pos, D).astype(x.dtype)  # [T, D]
+                q_input, k_input = x + pos_emb, kv_input + pos_emb
+            else:
+                pos_emb = sinusoidal_embedding(jnp.arange(S), D).astype(x.dtype)  # [S, D]
+                q_input, k_input = x + pos_emb[S - T :], kv_input + pos_emb
 
         if cfg.collab_heads:
             q, k = self._collab_queries_keys(q_input, k_input)  # [B, T, N, C], [B, S, 1, C]
@@ -194,6 +237,16 @@ class Attention(nn.Module):
             k = apply_rotary(k, rotary_pos, scale=k_xpos, **rot)
         if cfg.collab_heads:
             k = jnp.broadcast_to(k, (B, S, N, k.shape[-1]))  # every head reads the shared keys
+        new_cache = None
+        if kv_cache is not None:
+            start = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(kv_cache.keys, k.astype(kv_cache.keys.dtype), start)
+            v = jax.lax.dynamic_update_slice(
+                kv_cache.values, v.astype(kv_cache.values.dtype), start
+            )
+            new_cache = LayerKVCache(k, v)
+            k, v = k.astype(q.dtype), v.astype(q.dtype)  # [B, L, K, H]
+            S = k.shape[1]
 
         if cfg.num_mem_kv:
             M = cfg.num_mem_kv
@@ -223,7 +276,15 @@ class Attention(nn.Module):
                 attn_mask = jnp.concatenate([jnp.ones((*lead, M), bool), attn_mask], axis=-1)
 
         mask = None
-        if self.causal or key_mask is not None or attn_mask is not None:
+        if kv_cache is not None:
+            # Query i sits at slot cache_index + i, behind the memory key/values.
+            mask = AttentionMask(
+                causal=True,
+                q_offset=cache_index + cfg.num_mem_kv,
+                key_padding=key_mask,
+                explicit=attn_mask,
+            )
+        elif self.causal or key_mask is not None or attn_mask is not None:
             mask = AttentionMask(
                 causal=self.causal and not self.is_cross,
                 key_padding=key_mask,
@@ -284,7 +345,28 @@ class Attention(nn.Module):
             out = Projection((D,), (N, H), (HEADS, HEAD_DIM, EMBED), name="to_out")(out)
         if query_mask is not None:
             out = jnp.where(query_mask[..., None], out, jnp.zeros((), out.dtype))
-        return out, AttentionIntermediates(logits=logits, values=values)
+        return out, AttentionIntermediates(logits=logits, values=values, kv_cache=new_cache)
+
+    def _check_cache(self, kv_cache: LayerKVCache, cache_index, B: int, mem) -> None:
+        """Raises ValueError unless a KV cache fits this layer and call."""
+        if self.is_cross or not self.causal:
+            raise ValueError(
+                "kv_cache is for causal self-attention; this layer is "
+                f"{'cross-attention' if self.is_cross else 'not causal'}"
+            )
+        if mem is not None:
+            raise ValueError("kv_cache and XL memories (mem) cannot be combined")
+        if self.config.collab_heads:
+            raise ValueError("kv_cache is not supported with collab_heads")
+        if cache_index is None:
+            raise ValueError("kv_cache needs cache_index (the number of filled slots)")
+        K, H = self.config.num_kv_heads(self.heads), self.config.dim_head
+        for name, t in (("keys", kv_cache.keys), ("values", kv_cache.values)):
+            if t.ndim != 4 or t.shape[0] != B or t.shape[2:] != (K, H):
+                raise ValueError(
+                    f"kv_cache.{name} must have shape [B, L, K, H] = [{B}, L, {K}, {H}], "
+                    f"got {t.shape}"
+                )
 
     # Helpers of __call__ that create parameters (they run inside its compact scope).
 

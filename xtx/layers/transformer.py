@@ -20,18 +20,24 @@ The ``+`` may be a GRU gate or a hyper-connection over several residual streams
 runs one block ``depth`` times, ``layers_execute_order`` any sequence of indices.
 
 Shapes: x ``[B, T, D]``, context ``[B, S, Dc]``, masks ``[B, T]`` / ``[B, S]``.
+
+KV cache: ``init_kv_cache`` builds a ``KVCache`` (one ``LayerKVCache`` ``[B, L, K, H]`` per
+self-attention run, a ``[B, L]`` key mask and the fill count); ``stack(x, cache=cache)``
+writes the T new tokens at the fill, places every position (rotary, T5 / ALiBi / dynamic
+bias) at ``fill + t`` and returns ``(out, new_cache)``. Only the unrolled stack supports it.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from xtx.layers.attention import Attention, RotarySettings
-from xtx.layers.base import EMBED, HEADS, LAYERS, NORM, ConfiguredMeta
+from xtx.layers.attention import Attention, LayerKVCache, RotarySettings
+from xtx.layers.base import ACT_EMBED, BATCH, EMBED, HEADS, LAYERS, LENGTH, NORM, ConfiguredMeta
 from xtx.layers.feedforward import FeedForward
 from xtx.layers.norms import Norm
 from xtx.layers.position_bias import DynamicPositionBias
@@ -50,7 +56,10 @@ __all__ = [
     "CrossAttender",
     "Decoder",
     "Encoder",
+    "KVCache",
+    "LayerKVCache",
     "Sublayer",
+    "init_kv_cache",
     "remat_policy",
     "stack_layer_params",
     "unstack_layer_params",
@@ -76,7 +85,9 @@ class Sublayer(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, carry, *, context, masks, mem, rotary_pos, bias):
+    def __call__(
+        self, x, carry, *, context, masks, mem, rotary_pos, bias, kv_cache=None, cache_index=None
+    ):
         cfg = self.config
         deterministic = self.deterministic
         norm = lambda name: Norm(cfg.norm_kind, unit_offset=cfg.norm_add_unit_offset, name=name)  # noqa: E731
@@ -138,9 +149,13 @@ class Sublayer(nn.Module):
                 prev_attn=carry["prev_attn"] if cfg.residual_attn else None,
                 value_residual=carry["values"] if cfg.add_value_residual else None,
                 return_logits=cfg.residual_attn,
+                kv_cache=kv_cache,
+                cache_index=cache_index,
                 deterministic=deterministic,
             )
             carry = dict(carry, prev_attn=inter.logits)
+            if kv_cache is not None:
+                carry["kv_cache"] = inter.kv_cache
             if carry["values"] is None:
                 carry["values"] = inter.values
         else:
@@ -178,7 +193,91 @@ class Sublayer(nn.Module):
         x = combiner(out, residual, **combine_args)
         if not cfg.pre_norm and not cfg.use_rezero:
             x = norm("post_norm")(x)
+        if x.ndim == 3:
+            # Names the hidden state's axes for sharding rules (a no-op without rules):
+            # e.g. "length" -> the model axis gives sequence parallelism between layers.
+            x = nn.with_logical_constraint(x, (BATCH, LENGTH, ACT_EMBED))
         return x, carry
+
+
+class KVCache(NamedTuple):
+    """The key/value cache of a stack for incremental decoding (a pytree of fixed shape).
+
+    Attributes:
+      layers: one ``LayerKVCache`` ``[B, L, K, H]`` per run of a self-attention layer
+        (in execution order; a tied layer run twice has two).
+      key_mask: ``[B, L]`` bool, True at the slots filled with a (non-padding) token.
+      length: int32 ``[]``, the number of slots filled: the next token's position.
+    """
+
+    layers: tuple[LayerKVCache, ...]
+    key_mask: Array
+    length: Array
+
+
+def init_kv_cache(
+    config: AttentionLayersConfig, batch_size: int, max_len: int, dtype: Any = jnp.float32
+) -> KVCache:
+    """An empty ``KVCache`` of ``max_len`` slots for the stack ``config``.
+
+    Args:
+      config: the stack's ``AttentionLayersConfig``.
+      batch_size: B.
+      max_len: L, the most tokens the cache holds (prompt and generated).
+      dtype: dtype of the cached keys and values.
+
+    Returns:
+      A ``KVCache`` with zero keys/values, an all-False key mask and length 0.
+    """
+    for name, value in (("batch_size", batch_size), ("max_len", max_len)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    check_cache_support(config)
+    num_self = sum(config.layer_types[i] == "a" for i in config.execute_order)
+    K, H = config.attn.num_kv_heads(config.heads), config.attn.dim_head
+    shape = (batch_size, max_len, K, H)
+    layers = tuple(
+        LayerKVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(num_self)
+    )
+    return KVCache(layers, jnp.zeros((batch_size, max_len), bool), jnp.zeros((), jnp.int32))
+
+
+def check_cache_support(config: AttentionLayersConfig) -> None:
+    """Raises ValueError when the stack cannot decode with a KV cache, saying why."""
+    if not config.causal:
+        raise ValueError("a KV cache needs a causal stack (Decoder), got causal=False")
+    if config.scan_layers:
+        raise ValueError(
+            "a KV cache is not supported with scan_layers=True; convert the parameters "
+            "with unstack_layer_params and decode with scan_layers=False"
+        )
+    if any(config.shifts_of(i) for i in range(len(config.layer_types))):
+        raise ValueError("a KV cache is not supported with shift_tokens (token shift)")
+    if config.uses_rotary and config.rotary_xpos:
+        # xPos centres its scales on the whole sequence length, so cached keys would
+        # need rescaling at every step.
+        raise ValueError("a KV cache is not supported with rotary_xpos")
+    if config.attn.collab_heads:
+        raise ValueError("a KV cache is not supported with attn_collab_heads")
+
+
+def _checked_cache(cache: Any, config: AttentionLayersConfig, B: int, T: int) -> KVCache:
+    """The cache, after checking that it fits the stack and ``T`` new tokens."""
+    if not isinstance(cache, KVCache):
+        raise TypeError(f"cache must be a KVCache (see init_kv_cache), got {type(cache).__name__}")
+    check_cache_support(config)
+    num_self = sum(config.layer_types[i] == "a" for i in config.execute_order)
+    if len(cache.layers) != num_self:
+        raise ValueError(
+            f"cache must hold one LayerKVCache per self-attention run ({num_self}), "
+            f"got {len(cache.layers)}"
+        )
+    L = cache.key_mask.shape[1]
+    if cache.key_mask.shape != (B, L):
+        raise ValueError(f"cache.key_mask must be [B, L] with B = {B}, got {cache.key_mask.shape}")
+    if T > L:
+        raise ValueError(f"{T} new tokens do not fit in a cache of max_len {L}")
+    return cache
 
 
 def _checked_mems(mems: Any, num_self: int, B: int, D: int) -> tuple[Array, ...] | None:
@@ -246,6 +345,11 @@ def _memory_key_mask(
     elif key_mask is None:
         key_mask = jnp.ones((B, T), bool)
     return jnp.concatenate([mem_mask, key_mask.astype(bool)], axis=1)
+
+
+def _empty_carry() -> dict[str, Any]:
+    """What flows between sublayers besides the hidden state, before the first one."""
+    return {"prev_attn": None, "prev_cross_attn": None, "values": None, "cross_values": None}
 
 
 def remat_policy(name: str) -> Any:
@@ -382,8 +486,9 @@ class AttentionLayers(nn.Module, metaclass=ConfiguredMeta):
         mems: tuple[Array, ...] | list[Array] | None = None,
         mem_masks: tuple[Array | None, ...] | list[Array | None] | None = None,
         return_hiddens: bool = False,
+        cache: KVCache | None = None,
         deterministic: bool = True,
-    ) -> Array | tuple[Array, list[Array]]:
+    ) -> Array | tuple[Array, list[Array]] | tuple[Array, KVCache]:
         """Runs the stack.
 
         Args:
@@ -401,10 +506,13 @@ class AttentionLayers(nn.Module, metaclass=ConfiguredMeta):
             must not be attended (default: every memory row is attended).
           return_hiddens: also return the input hidden of each self-attention layer (the
             XL memories of the next segment).
+          cache: a ``KVCache`` (``init_kv_cache``): x holds the T tokens after the
+            ``cache.length`` already decoded; positions follow the cache.
           deterministic: disable dropout and layer dropout.
 
         Returns:
-          ``[B, T, D]``, and the list of hiddens when ``return_hiddens``.
+          ``[B, T, D]``; with ``return_hiddens`` also the list of hiddens; with ``cache``
+          the pair ``([B, T, D], new_cache)``.
         """
         cfg = self.config
         B, T, D = x.shape
@@ -425,6 +533,11 @@ class AttentionLayers(nn.Module, metaclass=ConfiguredMeta):
         layer_types = cfg.layer_types
         # Each run of a self-attention layer takes its own memory (tied layers run often).
         num_self = sum(layer_types[i] == "a" for i in cfg.execute_order)
+        if cache is not None:
+            return self._cached(
+                x, cache, context, mask, context_mask, attn_mask, self_attn_kv_mask, mems,
+                return_hiddens, deterministic,
+            )  # fmt: skip
         mems = _checked_mems(mems, num_self, B, D)
         mem_len = mems[0].shape[1] if mems else 0
         mem_masks = _checked_mem_masks(mem_masks, mems, B)
@@ -446,50 +559,19 @@ class AttentionLayers(nn.Module, metaclass=ConfiguredMeta):
         key_pos = jnp.arange(S) - mem_len
         # Position biases are tables over key-query distances (RelativeBias, queries
         # right-aligned with the keys), expanded per block by the attention backend.
-        bias = None
-        if cfg.rel_pos_bias:
-            table = self.param(
-                "rel_pos",
-                nn.with_logical_partitioning(nn.initializers.normal(1.0), (None, HEADS)),
-                (cfg.rel_pos_num_buckets, cfg.heads),
-            )
-            bias = RelativeBias.t5(
-                table,
-                causal=cfg.causal,
-                num_buckets=cfg.rel_pos_num_buckets,
-                max_distance=cfg.rel_pos_max_distance,
-                scale=cfg.attn.dim_head**0.5,
-            )
-        elif cfg.alibi_pos_bias:
-            slopes = alibi_slopes(cfg.alibi_num_heads or cfg.heads, total_heads=cfg.heads)
-            bias = RelativeBias.alibi(slopes, S)
-        elif cfg.dynamic_pos_bias:
-            bias = DynamicPositionBias(
-                cfg.dim // 4,
-                cfg.heads,
-                cfg.dynamic_pos_bias_mlp_depth,
-                cfg.dynamic_pos_bias_log_distance,
-                cfg.dynamic_pos_bias_norm,
-                name="rel_pos",
-            )(S)
+        bias = self._position_bias(S)
         rotary_pos = key_pos if cfg.uses_rotary else None
 
-        hiddens: list[Array] = []
-        carry = {"prev_attn": None, "prev_cross_attn": None, "values": None, "cross_values": None}
-        streams = cfg.num_residual_streams
-        if streams > 1:
-            if mems is not None or return_hiddens:
+        if mems is not None or return_hiddens:
+            if cfg.num_residual_streams > 1:
                 # x-transformers would hand the [B*S, T, D] streams on as memories.
                 raise ValueError(
                     "num_residual_streams > 1 (hyper-connections) does not support mems or "
                     "return_hiddens (XL recurrence)"
                 )
-            stream_emb = self.param(
-                "stream_emb",
-                nn.with_logical_partitioning(nn.initializers.zeros, (None, EMBED)),
-                (streams, D),
-            )
-            x = x[:, :, None, :] + stream_emb.astype(x.dtype)  # [B, T, S, D]
+        hiddens: list[Array] = []
+        carry = _empty_carry()
+        x = self._split_streams(x)
         if cfg.scan_layers:
             x, hiddens = self._scanned(
                 x, context, masks, self_key_masks, mems, rotary_pos, bias, deterministic
@@ -507,13 +589,114 @@ class AttentionLayers(nn.Module, metaclass=ConfiguredMeta):
                 deterministic,
                 hiddens,
             )
-        if streams > 1:
-            x = x.sum(axis=2)
-        if cfg.has_final_norm:
-            x = Norm(cfg.norm_kind, unit_offset=cfg.norm_add_unit_offset, name="final_norm")(x)
+        x = self._finish(x)
         if return_hiddens:
             return x, hiddens
         return x
+
+    def _position_bias(self, num_keys: int, q_offset: Array | None = None) -> Any:
+        """The stack's shared relative-position bias over ``num_keys`` positioned keys
+        (a ``RelativeBias``, queries at ``q_offset``: right-aligned when None), or None."""
+        cfg = self.config
+        bias = None
+        if cfg.rel_pos_bias:
+            table = self.param(
+                "rel_pos",
+                nn.with_logical_partitioning(nn.initializers.normal(1.0), (None, HEADS)),
+                (cfg.rel_pos_num_buckets, cfg.heads),
+            )
+            bias = RelativeBias.t5(
+                table,
+                causal=cfg.causal,
+                num_buckets=cfg.rel_pos_num_buckets,
+                max_distance=cfg.rel_pos_max_distance,
+                scale=cfg.attn.dim_head**0.5,
+            )
+        elif cfg.alibi_pos_bias:
+            slopes = alibi_slopes(cfg.alibi_num_heads or cfg.heads, total_heads=cfg.heads)
+            bias = RelativeBias.alibi(slopes, num_keys)
+        elif cfg.dynamic_pos_bias:
+            bias = DynamicPositionBias(
+                cfg.dim // 4,
+                cfg.heads,
+                cfg.dynamic_pos_bias_mlp_depth,
+                cfg.dynamic_pos_bias_log_distance,
+                cfg.dynamic_pos_bias_norm,
+                name="rel_pos",
+            )(num_keys)
+        if bias is not None and q_offset is not None:
+            bias = dataclasses.replace(bias, q_offset=q_offset)
+        return bias
+
+    def _split_streams(self, x: Array) -> Array:
+        """``[B, T, D]`` -> ``[B, T, S, D]`` residual streams under hyper-connections."""
+        streams = self.config.num_residual_streams
+        if streams == 1:
+            return x
+        stream_emb = self.param(
+            "stream_emb",
+            nn.with_logical_partitioning(nn.initializers.zeros, (None, EMBED)),
+            (streams, x.shape[-1]),
+        )
+        return x[:, :, None, :] + stream_emb.astype(x.dtype)  # [B, T, S, D]
+
+    def _finish(self, x: Array) -> Array:
+        """Sums the residual streams and applies the final norm."""
+        cfg = self.config
+        if cfg.num_residual_streams > 1:
+            x = x.sum(axis=2)
+        if cfg.has_final_norm:
+            x = Norm(cfg.norm_kind, unit_offset=cfg.norm_add_unit_offset, name="final_norm")(x)
+        return x
+
+    def _cached(
+        self,
+        x,
+        cache,
+        context,
+        mask,
+        context_mask,
+        attn_mask,
+        self_attn_kv_mask,
+        mems,
+        return_hiddens,
+        deterministic,
+    ):
+        """One decoding step: the T tokens of x after the ``cache.length`` cached ones."""
+        cfg = self.config
+        B, T, _ = x.shape
+        if mems is not None or return_hiddens:
+            raise ValueError("cache cannot be combined with mems or return_hiddens (XL)")
+        if attn_mask is not None:
+            raise ValueError("cache cannot be combined with attn_mask (its [T, S] keys are "
+                             "the cache slots); use mask for padding")  # fmt: skip
+        cache = _checked_cache(cache, cfg, B, T)
+        index = jnp.asarray(cache.length, jnp.int32)
+        L = cache.key_mask.shape[1]
+        new_keys = self_attn_kv_mask if self_attn_kv_mask is not None else mask
+        new_keys = jnp.ones((B, T), bool) if new_keys is None else new_keys.astype(bool)
+        key_mask = jax.lax.dynamic_update_slice(cache.key_mask, new_keys, (0, index))  # [B, L]
+        masks = {"self_keys": key_mask, "query": mask, "attn": None, "context": context_mask}
+        positions = index + jnp.arange(T, dtype=jnp.int32)  # [T]
+        bias = self._position_bias(L, q_offset=index)
+        rotary_pos = positions if cfg.uses_rotary else None
+        new_layers: list[LayerKVCache] = []
+        x = self._split_streams(x)
+        x = self._unrolled(
+            x,
+            _empty_carry(),
+            context,
+            masks,
+            [key_mask] * len(cache.layers),
+            None,
+            rotary_pos,
+            bias,
+            deterministic,
+            [],
+            kv_caches=(cache.layers, index, new_layers),
+        )
+        x = self._finish(x)
+        return x, KVCache(tuple(new_layers), key_mask, index + T)
 
     def _unrolled(
         self,
@@ -527,8 +710,13 @@ class AttentionLayers(nn.Module, metaclass=ConfiguredMeta):
         bias,
         deterministic,
         hiddens,
+        kv_caches=None,
     ):
-        """Runs ``execute_order`` one sublayer module at a time (``layers_{i}``)."""
+        """Runs ``execute_order`` one sublayer module at a time (``layers_{i}``).
+
+        ``kv_caches`` is ``(layer caches, fill, out list)``: self-attention run r reads
+        cache r and the updated caches are appended to the out list.
+        """
         cfg = self.config
         layer_types = cfg.layer_types
         # One module per entry of layer_types; the execution order may repeat (weight
@@ -541,6 +729,8 @@ class AttentionLayers(nn.Module, metaclass=ConfiguredMeta):
         order = cfg.execute_order
         mem_iter = iter(mems or ())
         key_mask_iter = iter(self_key_masks)
+        cache_iter = iter(kv_caches[0] if kv_caches else ())
+        cache_kwargs = {}
         for i in order:
             layer, layer_type = layers[i], layer_types[i]
             mem = None
@@ -549,6 +739,8 @@ class AttentionLayers(nn.Module, metaclass=ConfiguredMeta):
                 hiddens.append(x)
                 mem = next(mem_iter) if mems else None
                 layer_masks = dict(masks, self_keys=next(key_mask_iter))
+                if kv_caches:
+                    cache_kwargs = dict(kv_cache=next(cache_iter), cache_index=kv_caches[1])
             new_x, new_carry = layer(
                 x,
                 carry,
@@ -557,7 +749,11 @@ class AttentionLayers(nn.Module, metaclass=ConfiguredMeta):
                 mem=mem,
                 rotary_pos=rotary_pos,
                 bias=bias,
+                **(cache_kwargs if layer_type == "a" else {}),
             )
+            if "kv_cache" in new_carry:
+                new_carry = dict(new_carry)
+                kv_caches[2].append(new_carry.pop("kv_cache"))
             if cfg.layer_dropout > 0.0 and not deterministic:
                 # Stochastic depth: a dropped sublayer leaves the hidden state (and what it
                 # would have handed to later sublayers) as it was.

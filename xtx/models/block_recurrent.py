@@ -40,9 +40,13 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from xtx.config import field_names, unknown_keyword_error
 from xtx.layers.base import EMBED, HEAD_DIM, HEADS, MLP, VOCAB, ConfiguredMeta, Projection
 from xtx.layers.norms import Norm
+from xtx.models.gallery_common import (
+    check_batch_size,
+    config_from_keywords,
+    token_embedding,
+)
 from xtx.models.transformer_xl import (
     TransformerXLConfig,
     XLLayer,
@@ -250,18 +254,13 @@ class BlockRecurrentTransformer(nn.Module, metaclass=ConfiguredMeta):
 
     @classmethod
     def config_from_kwargs(cls, **kwargs: Any) -> BlockRecurrentConfig:
-        names = field_names(BlockRecurrentConfig)
-        for key in kwargs:
-            if key not in names:
-                raise unknown_keyword_error(cls.__name__, key, names)
         if "block_len" in kwargs:
             kwargs.setdefault("mem_len", kwargs["block_len"])  # a window of one block
-        return BlockRecurrentConfig(**kwargs)
+        return config_from_keywords(cls.__name__, BlockRecurrentConfig, kwargs)
 
     def init_state(self, batch_size: int) -> BlockRecurrentState:
         cfg = self.config
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        check_batch_size(batch_size)
         B = batch_size
         return BlockRecurrentState(
             xl=XLState(
@@ -303,11 +302,7 @@ class BlockRecurrentTransformer(nn.Module, metaclass=ConfiguredMeta):
             (cfg.num_state, cfg.dim),
         )
         rec = jnp.where(fresh[:, None, None], initial[None], state.state)
-        embed = self.param(
-            "token_emb",
-            nn.with_logical_partitioning(nn.initializers.normal(1.0), (VOCAB, EMBED)),
-            (cfg.num_tokens, cfg.dim),
-        )
+        embed = token_embedding(self, cfg.num_tokens, cfg.dim)
         x = jnp.take(embed, tokens, axis=0) * cfg.dim**0.5
         blocks = jnp.moveaxis(x.reshape(B, T // W, W, cfg.dim), 1, 0)  # [n, B, W, D]
         scan = nn.scan(

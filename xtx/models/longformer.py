@@ -31,7 +31,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from xtx.config import Config, field_names, unknown_keyword_error
+from xtx.config import Config
 from xtx.layers.base import (
     EMBED,
     HEAD_DIM,
@@ -43,6 +43,13 @@ from xtx.layers.base import (
     dropout,
 )
 from xtx.layers.norms import Norm
+from xtx.models.gallery_common import (
+    check_batch_size,
+    check_reset,
+    check_tokens,
+    config_from_keywords,
+    token_embedding,
+)
 from xtx.ops import AttentionMask, attention, sinusoidal_embedding
 from xtx.ops.attention import reference_attention
 
@@ -229,15 +236,10 @@ class Longformer(nn.Module, metaclass=ConfiguredMeta):
 
     @classmethod
     def config_from_kwargs(cls, **kwargs: Any) -> LongformerConfig:
-        names = field_names(LongformerConfig)
-        for key in kwargs:
-            if key not in names:
-                raise unknown_keyword_error(cls.__name__, key, names)
-        return LongformerConfig(**kwargs)
+        return config_from_keywords(cls.__name__, LongformerConfig, kwargs)
 
     def init_state(self, batch_size: int) -> LongformerState:
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        check_batch_size(batch_size)
         return LongformerState()
 
     @nn.compact
@@ -261,15 +263,10 @@ class Longformer(nn.Module, metaclass=ConfiguredMeta):
           deterministic: disable dropout.
         """
         cfg = self.config
-        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-            raise ValueError(f"tokens must be int [B, T], got {tokens.dtype} {tokens.shape}")
-        B, T = tokens.shape
-        if T > cfg.max_seq_len:
-            raise ValueError(f"tokens has {T} positions, more than max_seq_len={cfg.max_seq_len}")
+        B, T = check_tokens(tokens, cfg.max_seq_len, "max_seq_len")
         if state is not None and not isinstance(state, LongformerState):
             raise TypeError(f"state must be a LongformerState, got {type(state).__name__}")
-        if reset is not None and tuple(jnp.shape(reset)) != (B,):
-            raise ValueError(f"reset must be bool [B] = ({B},), got {tuple(jnp.shape(reset))}")
+        check_reset(reset, B)
         global_idx = global_valid = None
         if global_mask is not None:
             if not cfg.max_global:
@@ -283,11 +280,7 @@ class Longformer(nn.Module, metaclass=ConfiguredMeta):
             # The first G marked positions of each row, in order (stable sort on ~mask).
             global_idx = jnp.argsort(~global_mask, axis=1, stable=True)[:, :G]
             global_valid = jnp.take_along_axis(global_mask, global_idx, axis=1)
-        embed = self.param(
-            "token_emb",
-            nn.with_logical_partitioning(nn.initializers.normal(1.0), (VOCAB, EMBED)),
-            (cfg.num_tokens, cfg.dim),
-        )
+        embed = token_embedding(self, cfg.num_tokens, cfg.dim)
         x = jnp.take(embed, tokens, axis=0) + sinusoidal_embedding(jnp.arange(T), cfg.dim)
         x = dropout(self, x, cfg.dropout, deterministic)
         for i in range(cfg.depth):

@@ -28,9 +28,13 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from xtx.config import field_names, unknown_keyword_error
 from xtx.layers.base import EMBED, HEAD_DIM, HEADS, MLP, VOCAB, ConfiguredMeta, Projection, dropout
 from xtx.layers.norms import Norm
+from xtx.models.gallery_common import (
+    check_batch_size,
+    config_from_keywords,
+    token_embedding,
+)
 from xtx.models.transformer_xl import (
     TransformerXLConfig,
     XLLayer,
@@ -219,16 +223,11 @@ class MemorizingTransformer(nn.Module, metaclass=ConfiguredMeta):
 
     @classmethod
     def config_from_kwargs(cls, **kwargs: Any) -> MemorizingConfig:
-        names = field_names(MemorizingConfig)
-        for key in kwargs:
-            if key not in names:
-                raise unknown_keyword_error(cls.__name__, key, names)
-        return MemorizingConfig(**kwargs)
+        return config_from_keywords(cls.__name__, MemorizingConfig, kwargs)
 
     def init_state(self, batch_size: int) -> MemorizingState:
         cfg = self.config
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        check_batch_size(batch_size)
         B, N, C, H = batch_size, cfg.heads, cfg.knn_memory_size, cfg.head_dim
         return MemorizingState(
             xl=XLState(
@@ -277,11 +276,7 @@ class MemorizingTransformer(nn.Module, metaclass=ConfiguredMeta):
                 valid=knn.valid & keep[:, None],
                 pointer=jnp.where(keep, knn.pointer, 0),
             )
-        embed = self.param(
-            "token_emb",
-            nn.with_logical_partitioning(nn.initializers.normal(1.0), (VOCAB, EMBED)),
-            (cfg.num_tokens, cfg.dim),
-        )
+        embed = token_embedding(self, cfg.num_tokens, cfg.dim)
         x = dropout(
             self, jnp.take(embed, tokens, axis=0) * cfg.dim**0.5, cfg.dropout, deterministic
         )

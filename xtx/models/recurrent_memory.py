@@ -29,9 +29,16 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from xtx.config import Config, field_names, unknown_keyword_error
+from xtx.config import Config
 from xtx.layers.base import EMBED, HEAD_DIM, HEADS, MLP, VOCAB, ConfiguredMeta, Projection
 from xtx.layers.norms import Norm
+from xtx.models.gallery_common import (
+    check_batch_size,
+    check_reset,
+    check_tokens,
+    config_from_keywords,
+    token_embedding,
+)
 from xtx.ops import AttentionMask, attention, sinusoidal_embedding
 
 Array = jax.Array
@@ -125,17 +132,12 @@ class RecurrentMemoryTransformer(nn.Module, metaclass=ConfiguredMeta):
 
     @classmethod
     def config_from_kwargs(cls, **kwargs: Any) -> RecurrentMemoryConfig:
-        names = field_names(RecurrentMemoryConfig)
-        for key in kwargs:
-            if key not in names:
-                raise unknown_keyword_error(cls.__name__, key, names)
-        return RecurrentMemoryConfig(**kwargs)
+        return config_from_keywords(cls.__name__, RecurrentMemoryConfig, kwargs)
 
     def init_state(self, batch_size: int) -> RMTState:
         """A fresh state: every row starts from the learned memory."""
         cfg = self.config
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        check_batch_size(batch_size)
         return RMTState(
             memory=jnp.zeros((batch_size, cfg.num_memory, cfg.dim), jnp.float32),
             fresh=jnp.ones((batch_size,), bool),
@@ -163,11 +165,7 @@ class RecurrentMemoryTransformer(nn.Module, metaclass=ConfiguredMeta):
         cut = (segments % cfg.bptt_segments == 0)[:, None, None]
         memory = jnp.where(cut, jax.lax.stop_gradient(memory), memory)
 
-        embed = self.param(
-            "token_emb",
-            nn.with_logical_partitioning(nn.initializers.normal(1.0), (VOCAB, EMBED)),
-            (cfg.num_tokens, D),
-        )
+        embed = token_embedding(self, cfg.num_tokens, D)
         x = jnp.take(embed, tokens, axis=0) + sinusoidal_embedding(jnp.arange(T), D)
         h = jnp.concatenate([memory + read_pos, x, memory + write_pos], axis=1)  # [B, M+T+M, D]
         for i in range(cfg.depth):
@@ -185,14 +183,7 @@ class RecurrentMemoryTransformer(nn.Module, metaclass=ConfiguredMeta):
 
 
 def _check(cfg: RecurrentMemoryConfig, tokens: Array, state: Any, reset: Any) -> tuple[int, int]:
-    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-        raise ValueError(f"tokens must be int [B, T], got {tokens.dtype} {tokens.shape}")
-    B, T = tokens.shape
-    if T > cfg.segment_len:
-        raise ValueError(
-            f"tokens has {T} positions, more than segment_len={cfg.segment_len}; "
-            f"split the sequence into segments"
-        )
+    B, T = check_tokens(tokens, cfg.segment_len, "segment_len")
     if not isinstance(state, RMTState):
         raise TypeError(f"state must be an RMTState from init_state, got {type(state).__name__}")
     expected = (B, cfg.num_memory, cfg.dim)
@@ -202,6 +193,5 @@ def _check(cfg: RecurrentMemoryConfig, tokens: Array, state: Any, reset: Any) ->
             f"{tuple(state.memory.shape)}; this call needs [B, num_memory, dim] = {expected} "
             f"(use init_state({B}))"
         )
-    if reset is not None and tuple(jnp.shape(reset)) != (B,):
-        raise ValueError(f"reset must be bool [B] = ({B},), got shape {tuple(jnp.shape(reset))}")
+    check_reset(reset, B)
     return B, T

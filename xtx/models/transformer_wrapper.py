@@ -8,6 +8,10 @@ enhanced recurrence (``shift_mem_down``): 2012.15688.
 
 Shapes: tokens ``[B, T]`` int, embeddings ``[B, T, D]``, logits ``[B, T, V]``.
 
+Incremental decoding: ``cache = model.init_cache(B, L)`` (a ``KVCache`` pytree of fixed
+size), then ``logits, cache = model.apply(variables, tokens, cache=cache)`` for the prompt
+and for each new token; absolute positions continue at ``cache.length``.
+
 Forward order (x-transformers 2.31): ``E[tok] + P[t] * emb_dim**-0.5`` -> post-emb norm
 -> dropout -> project to ``dim`` -> prepend memory tokens -> stack (with its final norm)
 -> drop memory tokens -> logits (``x @ E.T * dim**-0.5`` when tied).
@@ -26,7 +30,7 @@ from xtx.config import Config, field_names, unknown_keyword_error
 from xtx.layers.base import EMBED, VOCAB, ConfiguredMeta, Projection, dropout
 from xtx.layers.embedding import PositionalEmbedding, TokenEmbedding
 from xtx.layers.norms import Norm
-from xtx.layers.transformer import AttentionLayers, AttentionLayersConfig
+from xtx.layers.transformer import AttentionLayers, AttentionLayersConfig, KVCache, init_kv_cache
 from xtx.ops import l2_normalize
 
 Array = jax.Array
@@ -180,8 +184,36 @@ class TransformerWrapper(nn.Module, metaclass=ConfiguredMeta):
                 (cfg.logits_dim or cfg.num_tokens,), (cfg.dim,), (EMBED, VOCAB)
             )
 
-    def embed(self, x: Array, *, deterministic: bool = True) -> Array:
-        """Token ids ``[B, T]`` -> input embeddings ``[B, T, D]`` (before memory tokens)."""
+    def init_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """An empty KV cache of ``max_len`` token slots for incremental decoding.
+
+        Args:
+          batch_size: B.
+          max_len: L, the most tokens (prompt and generated) the cache holds; at most
+            ``max_seq_len`` with absolute positional embeddings.
+
+        Returns:
+          A ``KVCache`` holding keys/values in the compute dtype.
+        """
+        cfg = self.config
+        if cfg.has_abs_pos_emb and max_len > cfg.max_seq_len:
+            raise ValueError(
+                f"max_len must be <= max_seq_len = {cfg.max_seq_len} with absolute "
+                f"positional embeddings, got {max_len}"
+            )
+        if cfg.memory_token_count:
+            raise ValueError("a KV cache is not supported with num_memory_tokens")
+        return init_kv_cache(cfg.attn_layers, batch_size, max_len, jnp.dtype(cfg.dtype))
+
+    def embed(
+        self, x: Array, *, deterministic: bool = True, positions: Array | None = None
+    ) -> Array:
+        """Token ids ``[B, T]`` -> input embeddings ``[B, T, D]`` (before memory tokens).
+
+        ``positions`` (int ``[T]`` or ``[B, T]``; default ``0 .. T-1``) index the absolute
+        positional embedding; values outside ``[0, max_seq_len)`` are clamped (they only
+        occur at left padding, which no real token attends to).
+        """
         cfg = self.config
         require_dropout_rng(self, deterministic)
         T = x.shape[1]
@@ -190,7 +222,12 @@ class TransformerWrapper(nn.Module, metaclass=ConfiguredMeta):
             tok = l2_normalize(tok)
         h = tok
         if cfg.has_abs_pos_emb:
-            h = h + self.pos_emb(T).astype(h.dtype)
+            if positions is None:
+                pos = self.pos_emb(T)
+            else:
+                table = self.pos_emb(cfg.max_seq_len)  # [max_seq_len, E]
+                pos = jnp.take(table, jnp.clip(positions, 0, cfg.max_seq_len - 1), axis=0)
+            h = h + pos.astype(h.dtype)
         if cfg.post_emb_norm:
             h = self.post_emb_norm(h)
         h = dropout(self, h, cfg.emb_dropout, deterministic)
@@ -214,6 +251,8 @@ class TransformerWrapper(nn.Module, metaclass=ConfiguredMeta):
         detach_mems: bool = True,
         return_embeddings: bool = False,
         return_logits_and_embeddings: bool = False,
+        cache: KVCache | None = None,
+        seq_start_pos: Array | None = None,
         deterministic: bool = True,
     ) -> Any:
         """Runs the model.
@@ -234,11 +273,17 @@ class TransformerWrapper(nn.Module, metaclass=ConfiguredMeta):
             default).
           return_embeddings: return the final-normed hiddens ``[B, T, D]``.
           return_logits_and_embeddings: return ``(logits, embeddings)``.
+          cache: a ``KVCache`` from ``init_cache``: x holds the T tokens that follow the
+            ``cache.length`` tokens already decoded (a prompt, then one token a step).
+          seq_start_pos: ``[B]`` int, for left-padded rows: the index of each row's first
+            real token. Earlier keys are not attended (self-attention) and absolute
+            positions count from it (as x-transformers; relative schemes need no shift).
           deterministic: disable dropout (pass ``rngs={"dropout": key}`` when False).
 
         Returns:
           logits ``[B, T, V]`` (or embeddings, or both); with ``return_mems`` the pair
-          ``(that, new_mems)``, see ``next_xl_memories``.
+          ``(that, new_mems)``, see ``next_xl_memories``; with ``cache`` the pair
+          ``(that, new_cache)``.
         """
         cfg = self.config
         x = jnp.asarray(x)
@@ -252,7 +297,41 @@ class TransformerWrapper(nn.Module, metaclass=ConfiguredMeta):
             mask = mask.astype(bool)
         if cfg.check_token_ids:
             x = _checked_token_ids(x, cfg.num_tokens)
-        h = self.embed(x, deterministic=deterministic)
+        if cache is not None:
+            if mems is not None or return_mems:
+                raise ValueError("cache cannot be combined with mems or return_mems (XL)")
+            if cfg.memory_token_count:
+                raise ValueError("cache is not supported with num_memory_tokens")
+            if not isinstance(cache, KVCache):
+                raise TypeError(
+                    f"cache must be a KVCache (see init_cache), got {type(cache).__name__}"
+                )
+        positions = None
+        if cache is not None or seq_start_pos is not None:
+            if cache is None and cfg.has_abs_pos_emb and T > cfg.max_seq_len:
+                raise ValueError(
+                    f"sequence length {T} exceeds max_seq_len={cfg.max_seq_len} of the "
+                    "absolute positional embedding"
+                )
+            positions = jnp.arange(T, dtype=jnp.int32)  # [T]
+            if cache is not None:
+                # The cache never holds more than max_seq_len tokens (init_cache).
+                positions = positions + cache.length
+        if seq_start_pos is not None:
+            seq_start_pos = jnp.asarray(seq_start_pos)
+            if seq_start_pos.shape != (B,) or not jnp.issubdtype(seq_start_pos.dtype, jnp.integer):
+                raise ValueError(
+                    f"seq_start_pos must be int [B] = ({B},), got "
+                    f"{seq_start_pos.dtype} {seq_start_pos.shape}"
+                )
+            if cfg.memory_token_count:
+                raise ValueError("seq_start_pos is not supported with num_memory_tokens")
+            left_pad = positions[None] >= seq_start_pos[:, None]  # [B, T] keys to attend
+            if self_attn_kv_mask is not None:
+                left_pad = left_pad & self_attn_kv_mask.astype(bool)
+            self_attn_kv_mask = left_pad
+            positions = positions[None] - seq_start_pos[:, None]  # [B, T]
+        h = self.embed(x, deterministic=deterministic, positions=positions)
         M = cfg.memory_token_count
         if M:
             mem = jnp.broadcast_to(self.memory_tokens[None].astype(h.dtype), (B, M, cfg.dim))
@@ -281,10 +360,13 @@ class TransformerWrapper(nn.Module, metaclass=ConfiguredMeta):
             mems=mems,
             mem_masks=mem_masks,
             return_hiddens=return_mems,
+            cache=cache,
             deterministic=deterministic,
         )
         if return_mems:
             h, hiddens = h
+        if cache is not None:
+            h, cache = h
         h = h[:, M:]
         if return_embeddings or cfg.return_only_embed:
             out = h
@@ -295,6 +377,8 @@ class TransformerWrapper(nn.Module, metaclass=ConfiguredMeta):
         if return_mems:
             new_mems = next_xl_memories(mems, hiddens, cfg.max_mem_len, detach=detach_mems)
             return out, new_mems
+        if cache is not None:
+            return out, cache
         return out
 
     def logits(self, h: Array) -> Array:

@@ -37,7 +37,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from xtx.config import Config, field_names, unknown_keyword_error
+from xtx.config import Config
 from xtx.layers.base import (
     EMBED,
     HEAD_DIM,
@@ -49,6 +49,13 @@ from xtx.layers.base import (
     dropout,
 )
 from xtx.layers.norms import Norm
+from xtx.models.gallery_common import (
+    check_batch_size,
+    check_reset,
+    check_tokens,
+    config_from_keywords,
+    token_embedding,
+)
 from xtx.ops import AttentionMask, RelativeBias, attention, sinusoidal_embedding
 
 Array = jax.Array
@@ -229,17 +236,12 @@ class TransformerXL(nn.Module, metaclass=ConfiguredMeta):
 
     @classmethod
     def config_from_kwargs(cls, **kwargs: Any) -> TransformerXLConfig:
-        names = field_names(TransformerXLConfig)
-        for key in kwargs:
-            if key not in names:
-                raise unknown_keyword_error(cls.__name__, key, names)
-        return TransformerXLConfig(**kwargs)
+        return config_from_keywords(cls.__name__, TransformerXLConfig, kwargs)
 
     def init_state(self, batch_size: int) -> XLState:
         """Empty memories for ``batch_size`` rows (every row invalid)."""
         cfg = self.config
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        check_batch_size(batch_size)
         return XLState(
             mems=jnp.zeros((cfg.depth, batch_size, cfg.mem_len, cfg.dim), jnp.float32),
             valid=jnp.zeros((batch_size, cfg.mem_len), bool),
@@ -271,11 +273,7 @@ class TransformerXL(nn.Module, metaclass=ConfiguredMeta):
             valid = valid & keep[:, None]
             mems = jnp.where(keep[None, :, None, None], mems, 0.0)
 
-        embed = self.param(
-            "token_emb",
-            nn.with_logical_partitioning(nn.initializers.normal(1.0), (VOCAB, EMBED)),
-            (cfg.num_tokens, cfg.dim),
-        )
+        embed = token_embedding(self, cfg.num_tokens, cfg.dim)
         # The paper's (adaptive) embedding is scaled by sqrt(d).
         x = jnp.take(embed, tokens, axis=0) * cfg.dim**0.5
         x = dropout(self, x, cfg.dropout, deterministic)
@@ -310,14 +308,7 @@ def _next_state(cfg: TransformerXLConfig, mems: Array, valid: Array, hiddens: li
 
 
 def _check_inputs(cfg: TransformerXLConfig, tokens: Array, state: Any, reset: Any):
-    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-        raise ValueError(f"tokens must be int [B, T], got {tokens.dtype} {tokens.shape}")
-    B, T = tokens.shape
-    if T > cfg.segment_len:
-        raise ValueError(
-            f"tokens has {T} positions, more than segment_len={cfg.segment_len}; "
-            f"split the sequence into segments"
-        )
+    B, T = check_tokens(tokens, cfg.segment_len, "segment_len")
     if not isinstance(state, XLState):
         raise TypeError(f"state must be an XLState from init_state, got {type(state).__name__}")
     expected = (cfg.depth, B, cfg.mem_len, cfg.dim)
@@ -327,6 +318,5 @@ def _check_inputs(cfg: TransformerXLConfig, tokens: Array, state: Any, reset: An
             f"valid {tuple(state.valid.shape)}; this call needs mems [depth, B, mem_len, dim] "
             f"= {expected}, valid {(B, cfg.mem_len)} (use init_state({B}))"
         )
-    if reset is not None and tuple(jnp.shape(reset)) != (B,):
-        raise ValueError(f"reset must be bool [B] = ({B},), got shape {tuple(jnp.shape(reset))}")
+    check_reset(reset, B)
     return B, T
