@@ -110,8 +110,7 @@ def test_gradient_horizon_in_blocks(horizon, reaches):
 
 def test_state_beats_reset_on_a_recall_task():
     model = BlockRecurrentTransformer(**{**KW, "depth": 1, "block_len": SEG}, mem_len=0)
-    first, with_state = train_recall(model, seg_len=SEG, vocab=V, reset_between=False)
-    _, without_state = train_recall(model, seg_len=SEG, vocab=V, reset_between=True)
+    first, with_state, without_state = train_recall(model, seg_len=SEG, vocab=V)
     assert with_state < 0.5 * first
     assert without_state > 2.0
     assert with_state < 0.5 * without_state
