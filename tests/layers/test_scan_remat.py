@@ -53,7 +53,7 @@ def _loss_and_grads(module, params, tokens, mems):
     return jax.value_and_grad(loss, has_aux=True)(params)
 
 
-@pytest.mark.parametrize("policy", ["none", "dots_no_batch"])
+@pytest.mark.parametrize("policy", ["dots_no_batch"])
 def test_scanned_stack_equals_unrolled(unrolled, tokens, policy):
     module, params = unrolled
     mems = tuple(jax.random.normal(jax.random.key(i), (2, 4, 32)) for i in range(3))
@@ -77,7 +77,7 @@ def test_scanned_stack_equals_unrolled(unrolled, tokens, policy):
         np.testing.assert_allclose(s, g, atol=1e-5, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
 
 
-@pytest.mark.parametrize("policy", ["dots", "full"])
+@pytest.mark.parametrize("policy", ["full"])
 def test_remat_on_unrolled_stack_keeps_gradients(unrolled, tokens, policy):
     module, params = unrolled
     (_, (logits, _)), grads = _loss_and_grads(module, params, tokens, None)
@@ -88,14 +88,14 @@ def test_remat_on_unrolled_stack_keeps_gradients(unrolled, tokens, policy):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
-def test_scanned_cross_attender_with_masks_and_dropout():
+def test_scanned_rematerialised_cross_attender_with_masks_and_dropout():
     x = jax.random.normal(jax.random.key(0), (2, 5, 16))
     context = jax.random.normal(jax.random.key(1), (2, 7, 16))
     mask = jnp.array([[True] * 5, [True] * 3 + [False] * 2])
     context_mask = jnp.array([[True] * 7, [True] * 4 + [False] * 3])
     kwargs = dict(dim=16, depth=2, heads=2, attn_dropout=0.1, layer_dropout=0.2)
     plain = CrossAttender(**kwargs)
-    scanned = CrossAttender(**kwargs, scan_layers=True)
+    scanned = CrossAttender(**kwargs, scan_layers=True, remat_policy="dots")
     params = nn.meta.unbox(plain.init(jax.random.key(2), x, context=context)["params"])
     sparams = stack_layer_params(params, scanned.config)
     call = dict(context=context, mask=mask, context_mask=context_mask)
