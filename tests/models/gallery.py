@@ -84,3 +84,23 @@ def train_recall(model, *, seg_len, vocab, steps=200, lr=1e-2, batch=16, seed=0)
     first, with_state = run(jnp.bool_(False), steps)
     _, without_state = run(jnp.bool_(True), steps // 3)
     return first, with_state, without_state
+
+
+def check_state_carries_and_reset_clears(step, model, segments, vocab):
+    """Segment 1 reaches segment 2 through the state; a reset row forgets it.
+
+    ``segments [2, 2, T]``. Row 0 is reset before segment 2 and must then match a fresh
+    start; row 1 keeps its state. Returns the final state of the reset run.
+    """
+    other = segments.at[0].set((segments[0] + 5) % vocab)
+    base, _ = roll(step, model, segments)
+    outs, _ = roll(step, model, other)
+    assert not np.allclose(outs[1], base[1], atol=1e-4), "segment 1 must reach segment 2"
+    reset = [jnp.zeros((2,), bool), jnp.array([True, False])]
+    base_r, state = roll(step, model, segments, reset)
+    outs_r, _ = roll(step, model, other, reset)
+    np.testing.assert_allclose(outs_r[1][0], base_r[1][0], atol=1e-6)  # row 0 forgot
+    assert not np.allclose(outs_r[1][1], base_r[1][1], atol=1e-4)  # row 1 did not
+    fresh, _ = step(segments[1], model.init_state(2), jnp.zeros((2,), bool))
+    np.testing.assert_allclose(outs_r[1][0], fresh[0], atol=1e-6)  # reset == new document
+    return state

@@ -6,7 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.models.gallery import counting_step, roll, train_recall
+from tests.models.gallery import (
+    check_state_carries_and_reset_clears,
+    counting_step,
+    roll,
+    train_recall,
+)
 from xtx.models.memorizing import (
     KNNAttention,
     KNNMemory,
@@ -97,16 +102,7 @@ def test_causal_within_and_across_segments(setup):
 
 def test_knn_memory_carries_information_and_reset_clears_it(setup):
     model, _, step = setup
-    segs = _segments(3, n=2)
-    other = segs.at[0].set((segs[0] + 5) % V)
-    base, _ = roll(step, model, segs)
-    outs, _ = roll(step, model, other)
-    assert not np.allclose(outs[1], base[1], atol=1e-4)
-    reset = [jnp.zeros((2,), bool), jnp.array([True, False])]
-    base_r, state = roll(step, model, segs, reset)
-    outs_r, _ = roll(step, model, other, reset)
-    np.testing.assert_allclose(outs_r[1][0], base_r[1][0], atol=1e-6)
-    assert not np.allclose(outs_r[1][1], base_r[1][1], atol=1e-4)
+    state = check_state_carries_and_reset_clears(step, model, _segments(3, n=2), V)
     np.testing.assert_array_equal(state.knn.valid.sum(-1), [8, 16])
 
 

@@ -6,7 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.models.gallery import counting_step, roll, train_recall
+from tests.models.gallery import (
+    check_state_carries_and_reset_clears,
+    counting_step,
+    roll,
+    train_recall,
+)
 from xtx.models.transformer_xl import (
     RelativeAttention,
     TransformerXL,
@@ -110,18 +115,7 @@ def test_causal_within_and_across_segments(run, model_and_vars):
 
 def test_memory_carries_information_and_reset_clears_it(run, model_and_vars):
     model, _ = model_and_vars
-    segs = _segments(3, n=2)
-    base, _ = roll(run, model, segs)
-    other = segs.at[0].set((segs[0] + 5) % V)
-    outs, _ = roll(run, model, other)
-    assert not np.allclose(outs[1], base[1], atol=1e-4), "segment 1 must reach segment 2"
-    reset = [jnp.zeros((2,), bool), jnp.array([True, False])]
-    base_r, _ = roll(run, model, segs, reset)
-    outs_r, _ = roll(run, model, other, reset)
-    np.testing.assert_allclose(outs_r[1][0], base_r[1][0], atol=1e-6)  # row 0 forgot
-    assert not np.allclose(outs_r[1][1], base_r[1][1], atol=1e-4)  # row 1 did not
-    fresh, _ = run(segs[1], model.init_state(2), jnp.zeros((2,), bool))
-    np.testing.assert_allclose(outs_r[1][0], fresh[0], atol=1e-6)  # reset == new document
+    check_state_carries_and_reset_clears(run, model, _segments(3, n=2), V)
 
 
 def test_memory_length_is_independent_of_segment_length():
