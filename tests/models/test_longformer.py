@@ -33,7 +33,6 @@ def _proj(p, name, x):
     [
         (True, (1, 1, 1, 1), (), "blockwise"),
         (True, (1, 2, 3, 1), (), "reference"),
-        (False, (1, 2, 1, 2), (0, 7, 20), "reference"),
         (False, (1, 2, 1, 2), (0, 7, 20), "blockwise"),
     ],
 )
