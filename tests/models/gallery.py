@@ -40,7 +40,7 @@ def recall_batch(key, batch, seg_len, vocab):
     return seg1, seg2, keys
 
 
-def train_recall(model, *, seg_len, vocab, steps=200, lr=1e-2, batch=16, seed=0):
+def train_recall(model, *, seg_len, vocab, steps=150, lr=1e-2, batch=16, seed=0):
     """Trains on ``recall_batch`` through two segments, with the state and reset between.
 
     Gradients flow through the state from segment 2 into segment 1 (where the model
