@@ -54,6 +54,7 @@ from xtx.models.transformer_xl import (
     _check_inputs,
     _next_state,
     _rel_biases,
+    clear_rows,
 )
 from xtx.ops import AttentionMask, RelativeBias, attention
 
@@ -293,8 +294,7 @@ class BlockRecurrentTransformer(nn.Module, metaclass=ConfiguredMeta):
         mems, valid, fresh = state.xl.mems, state.xl.valid, state.fresh
         if reset is not None:
             keep = ~reset.astype(bool)
-            valid = valid & keep[:, None]
-            mems = jnp.where(keep[None, :, None, None], mems, 0.0)
+            mems, valid = clear_rows(mems, valid, keep)
             fresh = fresh | ~keep
         initial = self.param(
             "initial_state",

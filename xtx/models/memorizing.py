@@ -42,6 +42,7 @@ from xtx.models.transformer_xl import (
     _check_inputs,
     _next_state,
     _rel_biases,
+    clear_rows,
 )
 from xtx.ops import AttentionMask, RelativeBias, attention, l2_normalize
 
@@ -268,8 +269,7 @@ class MemorizingTransformer(nn.Module, metaclass=ConfiguredMeta):
         mems, valid = state.xl.mems, state.xl.valid
         if reset is not None:
             keep = ~reset.astype(bool)
-            valid = valid & keep[:, None]
-            mems = jnp.where(keep[None, :, None, None], mems, 0.0)
+            mems, valid = clear_rows(mems, valid, keep)
             knn = KNNMemory(
                 keys=knn.keys,
                 values=knn.values,

@@ -269,9 +269,7 @@ class TransformerXL(nn.Module, metaclass=ConfiguredMeta):
         B, T = _check_inputs(cfg, tokens, state, reset)
         mems, valid = state.mems, state.valid
         if reset is not None:
-            keep = ~reset.astype(bool)
-            valid = valid & keep[:, None]
-            mems = jnp.where(keep[None, :, None, None], mems, 0.0)
+            mems, valid = clear_rows(mems, valid, ~reset.astype(bool))
 
         embed = token_embedding(self, cfg.num_tokens, cfg.dim)
         # The paper's (adaptive) embedding is scaled by sqrt(d).
@@ -293,6 +291,12 @@ class TransformerXL(nn.Module, metaclass=ConfiguredMeta):
             x
         )
         return logits, _next_state(cfg, mems, valid, hiddens)
+
+
+def clear_rows(mems: Array, valid: Array, keep: Array) -> tuple[Array, Array]:
+    """XL memories ``[L, B, M, D]`` and validity ``[B, M]`` with rows where ``keep`` is
+    False emptied (a document boundary)."""
+    return jnp.where(keep[None, :, None, None], mems, 0.0), valid & keep[:, None]
 
 
 def _next_state(cfg: TransformerXLConfig, mems: Array, valid: Array, hiddens: list) -> XLState:
