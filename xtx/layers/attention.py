@@ -22,7 +22,14 @@ KV cache (decoding): a self-attention layer may take a ``LayerKVCache`` of fixed
 qk-norm and value-residual mixing: everything that is per token) are written at that
 offset with ``lax.dynamic_update_slice`` and the queries attend to all L slots with a
 causal mask offset by the fill; slots not yet written are masked by the key mask the stack
-passes in. Shapes never change, so one jitted decoding step serves every position.
+passes in. Shapes never change, so one jitted decoding step serves every position. xPos
+keys are scaled at their absolute position with the centre fixed at ``L // 2`` (the
+centre cancels in ``q . k``, so this equals the uncached model's scores).
+
+A cross-attention layer in a decoding stack hands back the context's keys (after qk-norm)
+and values ``[B, S, K, H]`` in its intermediates; given them back as ``kv_cache`` it uses
+them instead of its projections of ``context``, which are then dead code that XLA drops:
+the context is projected once, at the prefill.
 
 Parameters mirror x-transformers 2.x (bias-free q/k/v/out projections, memory k/v of
 shape ``[K, M, H]``) so that ``xtx.interop`` converts weights one to one.
@@ -89,12 +96,23 @@ class AttentionIntermediates(NamedTuple):
         otherwise None.
       values: the layer's values ``[B, S, K, H]`` (before memory key/values; with a KV
         cache, the T new tokens' values before mixing).
-      kv_cache: the updated ``LayerKVCache`` when one was passed in, else None.
+      kv_cache: self-attention: the updated ``LayerKVCache`` when one was passed in,
+        else None; cross-attention: the context's keys/values ``[B, S, K, H]``.
     """
 
     logits: Array | None
     values: Array
     kv_cache: LayerKVCache | None = None
+
+
+def _cached_context_part(name: str, cached: Array, fresh: Array) -> Array:
+    """The cached context keys or values, checked against the fresh ones' shape."""
+    if cached.shape != fresh.shape:
+        raise ValueError(
+            f"the cached context {name} must have the shape of the context's {name} "
+            f"[B, S, K, H] = {fresh.shape}, got {cached.shape} (a context of another length?)"
+        )
+    return cached.astype(fresh.dtype)
 
 
 class Attention(nn.Module):
@@ -160,16 +178,19 @@ class Attention(nn.Module):
             learning, 2410.17897).
           return_logits: hand back the final pre-softmax logits in the intermediates
             (the next layer's ``prev_attn`` under residual attention).
-          kv_cache: self-attention only: the layer's ``LayerKVCache`` ``[B, L, K, H]``;
-            the new keys/values are written at ``cache_index`` and the queries attend to
-            all L slots (``key_mask`` must then be ``[B, L]``, False at empty slots, and
-            ``rotary_pos`` the ``[T]`` positions of the new tokens).
+          kv_cache: self-attention: the layer's ``LayerKVCache`` ``[B, L, K, H]``; the new
+            keys/values are written at ``cache_index`` and the queries attend to all L
+            slots (``key_mask`` must then be ``[B, L]``, False at empty slots, and
+            ``rotary_pos`` the ``[T]`` positions of the new tokens). Cross-attention:
+            the context's keys/values returned by an earlier call (the prefill), used
+            instead of projecting ``context`` again.
           cache_index: int32 ``[]``, the number of cache slots already filled: the
             position of the first of the T new tokens.
           deterministic: disable dropout.
 
         Returns:
-          ``([B, T, D], AttentionIntermediates)``.
+          ``([B, T, D], AttentionIntermediates)``; a cross-attention layer's
+          intermediates hold the context's keys/values as ``kv_cache``.
         """
         cfg = self.config
         N, H = self.heads, cfg.dim_head
@@ -178,8 +199,12 @@ class Attention(nn.Module):
         if D != self.dim:
             raise ValueError(f"Attention input must have last dim {self.dim}, got {x.shape}")
 
-        if kv_cache is not None:
-            self._check_cache(kv_cache, cache_index, B, mem)
+        # A cross-attention layer's kv_cache holds the context's keys/values (read only);
+        # a self-attention layer's is the fixed buffer of past tokens it writes into.
+        cached_context = self.is_cross and kv_cache is not None
+        self_cache = None if self.is_cross else kv_cache
+        if self_cache is not None:
+            self._check_cache(self_cache, cache_index, B, mem)
         kv_input = x
         if self.is_cross:
             if context is None:
@@ -193,7 +218,7 @@ class Attention(nn.Module):
         if self.position_infused and not self.is_cross:
             # Shortformer: positions colour queries and keys only; queries are the last T
             # of the S key positions (XL memory first), or follow the cache fill.
-            if kv_cache is not None:
+            if self_cache is not None:
                 pos = cache_index + jnp.arange(T)
                 pos_emb = sinusoidal_embedding(pos, D).astype(x.dtype)  # [T, D]
                 q_input, k_input = x + pos_emb, kv_input + pos_emb
@@ -207,6 +232,8 @@ class Attention(nn.Module):
             q = Projection((N, H), (D,), (EMBED, HEADS, HEAD_DIM), name="to_q")(q_input)
             k = Projection((K, H), (dim_kv,), (EMBED, KV_HEADS, HEAD_DIM), name="to_k")(k_input)
         v = Projection((K, H), (dim_kv,), (EMBED, KV_HEADS, HEAD_DIM), name="to_v")(kv_input)
+        if cached_context:
+            v = _cached_context_part("values", kv_cache.values, v)
         values = v  # [B, S, K, H], before memory key/values: the value residual source
         if value_residual is not None:
             v = self._mix_value_residual(x, v, value_residual)
@@ -217,6 +244,8 @@ class Attention(nn.Module):
             q, k, norm_mem_k, scale = self._cosine_sim_queries_keys(q, k)
         if cfg.qk_rmsnorm:
             q, k = self._rmsnorm_queries_keys(q, k)
+        if cached_context:
+            k = _cached_context_part("keys", kv_cache.keys, k)
 
         if self.rotary is not None and rotary_pos is not None:
             r = self.rotary
@@ -229,20 +258,29 @@ class Attention(nn.Module):
             )
             q_xpos = k_xpos = None
             if r.xpos_scale_base is not None:
+                # Cached keys keep the scale of their absolute position: a fixed centre.
                 xpos = xpos_scale(
-                    rotary_pos, r.dim, scale_base=r.xpos_scale_base, interleaved=r.interleaved
+                    rotary_pos,
+                    r.dim,
+                    scale_base=r.xpos_scale_base,
+                    max_position=None if self_cache is None else self_cache.keys.shape[1],
+                    interleaved=r.interleaved,
                 )  # [S, rot_dim]
                 q_xpos, k_xpos = xpos[..., -T:, :], 1.0 / xpos
             q = apply_rotary(q, rotary_pos[..., -T:], scale=q_xpos, **rot)
             k = apply_rotary(k, rotary_pos, scale=k_xpos, **rot)
+        new_cache = None
+        if self.is_cross:
+            new_cache = LayerKVCache(k, values)  # [B, S, K, H]: what a decoder caches
         if cfg.collab_heads:
             k = jnp.broadcast_to(k, (B, S, N, k.shape[-1]))  # every head reads the shared keys
-        new_cache = None
-        if kv_cache is not None:
+        if self_cache is not None:
             start = (0, cache_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(kv_cache.keys, k.astype(kv_cache.keys.dtype), start)
+            k = jax.lax.dynamic_update_slice(
+                self_cache.keys, k.astype(self_cache.keys.dtype), start
+            )
             v = jax.lax.dynamic_update_slice(
-                kv_cache.values, v.astype(kv_cache.values.dtype), start
+                self_cache.values, v.astype(self_cache.values.dtype), start
             )
             new_cache = LayerKVCache(k, v)
             k, v = k.astype(q.dtype), v.astype(q.dtype)  # [B, L, K, H]
@@ -276,7 +314,7 @@ class Attention(nn.Module):
                 attn_mask = jnp.concatenate([jnp.ones((*lead, M), bool), attn_mask], axis=-1)
 
         mask = None
-        if kv_cache is not None:
+        if self_cache is not None:
             # Query i sits at slot cache_index + i, behind the memory key/values.
             mask = AttentionMask(
                 causal=True,
@@ -348,12 +386,9 @@ class Attention(nn.Module):
         return out, AttentionIntermediates(logits=logits, values=values, kv_cache=new_cache)
 
     def _check_cache(self, kv_cache: LayerKVCache, cache_index, B: int, mem) -> None:
-        """Raises ValueError unless a KV cache fits this layer and call."""
-        if self.is_cross or not self.causal:
-            raise ValueError(
-                "kv_cache is for causal self-attention; this layer is "
-                f"{'cross-attention' if self.is_cross else 'not causal'}"
-            )
+        """Raises ValueError unless a self-attention KV cache fits this layer and call."""
+        if not self.causal:
+            raise ValueError("a self-attention kv_cache needs a causal layer, got causal=False")
         if mem is not None:
             raise ValueError("kv_cache and XL memories (mem) cannot be combined")
         if self.config.collab_heads:

@@ -22,9 +22,13 @@ runs one block ``depth`` times, ``layers_execute_order`` any sequence of indices
 Shapes: x ``[B, T, D]``, context ``[B, S, Dc]``, masks ``[B, T]`` / ``[B, S]``.
 
 KV cache: ``init_kv_cache`` builds a ``KVCache`` (one ``LayerKVCache`` ``[B, L, K, H]`` per
-self-attention run, a ``[B, L]`` key mask and the fill count); ``stack(x, cache=cache)``
-writes the T new tokens at the fill, places every position (rotary, T5 / ALiBi / dynamic
-bias) at ``fill + t`` and returns ``(out, new_cache)``. Only the unrolled stack supports it.
+self-attention run, the cross-attention keys/values of the context, a ``[B, L]`` key mask
+and the fill count); ``stack(x, cache=cache)`` writes the T new tokens at the fill, places
+every position (rotary, xPos, T5 / ALiBi / dynamic bias) at ``fill + t`` and returns
+``(out, new_cache)``. The first call on a fresh cache (the prefill) also projects the
+context; later calls read its keys/values from the cache. Under ``scan_layers`` each entry
+is stacked over the depth and rides along the scanned axis. The plain and the cached call
+share one body (``_run``); they differ only in the masks and positions they set up.
 """
 
 from __future__ import annotations
@@ -75,7 +79,10 @@ class Sublayer(nn.Module):
     write-back), post-norm. ``index`` is the sublayer's position in ``layer_types``.
 
     ``carry`` holds what flows between sublayers besides the hidden state (residual
-    attention logits, first-layer values); the sublayer returns it updated.
+    attention logits, first-layer values); the sublayer returns it updated. In a cached
+    call (``cache_index`` given) an attention sublayer reads ``kv_cache`` (its
+    ``LayerKVCache``, or None for a cross-attention layer before the prefill) and
+    returns the updated one in the carry under ``"kv_cache"``.
     """
 
     config: AttentionLayersConfig
@@ -154,8 +161,6 @@ class Sublayer(nn.Module):
                 deterministic=deterministic,
             )
             carry = dict(carry, prev_attn=inter.logits)
-            if kv_cache is not None:
-                carry["kv_cache"] = inter.kv_cache
             if carry["values"] is None:
                 carry["values"] = inter.values
         else:
@@ -169,11 +174,14 @@ class Sublayer(nn.Module):
                 prev_attn=carry["prev_cross_attn"] if cfg.cross_residual_attn else None,
                 value_residual=carry["cross_values"] if cfg.add_value_residual else None,
                 return_logits=cfg.cross_residual_attn,
+                kv_cache=kv_cache,
                 deterministic=deterministic,
             )
             carry = dict(carry, prev_cross_attn=inter.logits)
             if carry["cross_values"] is None:
                 carry["cross_values"] = inter.values
+        if cache_index is not None and self.layer_type != "f":
+            carry["kv_cache"] = inter.kv_cache
         if cfg.use_rezero and self.layer_type != "f":
             # Seed x-transformers gates attention branches (self and cross), not FF.
             gate = self.param(
@@ -203,16 +211,25 @@ class Sublayer(nn.Module):
 class KVCache(NamedTuple):
     """The key/value cache of a stack for incremental decoding (a pytree of fixed shape).
 
+    A fresh cache (``init_kv_cache``) has ``length`` None and its ``cross`` entries None:
+    the first call on it, the prefill, is known when tracing. It writes from slot 0 and
+    projects the context once; every later call finds the context's keys/values here.
+
     Attributes:
       layers: one ``LayerKVCache`` ``[B, L, K, H]`` per run of a self-attention layer
-        (in execution order; a tied layer run twice has two).
+        (in execution order; a tied layer run twice has two). With ``scan_layers`` one
+        ``[depth, B, L, K, H]`` per self-attention sublayer of the scanned block.
+      cross: the same for cross-attention, holding the context's keys/values
+        ``[B, S, K, H]`` (``[depth, B, S, K, H]`` scanned); None before the prefill.
       key_mask: ``[B, L]`` bool, True at the slots filled with a (non-padding) token.
-      length: int32 ``[]``, the number of slots filled: the next token's position.
+      length: int32 ``[]``, the number of slots filled: the next token's position; None
+        before the prefill.
     """
 
     layers: tuple[LayerKVCache, ...]
+    cross: tuple[LayerKVCache | None, ...]
     key_mask: Array
-    length: Array
+    length: Array | None
 
 
 def init_kv_cache(
@@ -224,39 +241,42 @@ def init_kv_cache(
       config: the stack's ``AttentionLayersConfig``.
       batch_size: B.
       max_len: L, the most tokens the cache holds (prompt and generated).
-      dtype: dtype of the cached keys and values.
+      dtype: dtype of the cached self-attention keys and values.
 
     Returns:
-      A ``KVCache`` with zero keys/values, an all-False key mask and length 0.
+      A fresh ``KVCache``: zero keys/values, an all-False key mask, ``length`` and the
+      cross-attention entries None.
     """
     for name, value in (("batch_size", batch_size), ("max_len", max_len)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     check_cache_support(config)
-    num_self = sum(config.layer_types[i] == "a" for i in config.execute_order)
     K, H = config.attn.num_kv_heads(config.heads), config.attn.dim_head
     shape = (batch_size, max_len, K, H)
+    if config.scan_layers:
+        shape = (config.depth, *shape)
     layers = tuple(
-        LayerKVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(num_self)
+        LayerKVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        for _ in range(_cache_entries(config, "a"))
     )
-    return KVCache(layers, jnp.zeros((batch_size, max_len), bool), jnp.zeros((), jnp.int32))
+    cross = (None,) * _cache_entries(config, "c")
+    return KVCache(layers, cross, jnp.zeros((batch_size, max_len), bool), None)
+
+
+def _cache_entries(config: AttentionLayersConfig, layer_type: str) -> int:
+    """How many cache entries of ``layer_type`` (``'a'`` or ``'c'``) the stack's KVCache
+    holds: one per run in the execution order, or one per sublayer of the scanned block."""
+    if config.scan_layers:
+        return config.scan_block.count(layer_type)
+    return sum(config.layer_types[i] == layer_type for i in config.execute_order)
 
 
 def check_cache_support(config: AttentionLayersConfig) -> None:
     """Raises ValueError when the stack cannot decode with a KV cache, saying why."""
     if not config.causal:
         raise ValueError("a KV cache needs a causal stack (Decoder), got causal=False")
-    if config.scan_layers:
-        raise ValueError(
-            "a KV cache is not supported with scan_layers=True; convert the parameters "
-            "with unstack_layer_params and decode with scan_layers=False"
-        )
     if any(config.shifts_of(i) for i in range(len(config.layer_types))):
         raise ValueError("a KV cache is not supported with shift_tokens (token shift)")
-    if config.uses_rotary and config.rotary_xpos:
-        # xPos centres its scales on the whole sequence length, so cached keys would
-        # need rescaling at every step.
-        raise ValueError("a KV cache is not supported with rotary_xpos")
     if config.attn.collab_heads:
         raise ValueError("a KV cache is not supported with attn_collab_heads")
 
@@ -266,15 +286,24 @@ def _checked_cache(cache: Any, config: AttentionLayersConfig, B: int, T: int) ->
     if not isinstance(cache, KVCache):
         raise TypeError(f"cache must be a KVCache (see init_kv_cache), got {type(cache).__name__}")
     check_cache_support(config)
-    num_self = sum(config.layer_types[i] == "a" for i in config.execute_order)
-    if len(cache.layers) != num_self:
-        raise ValueError(
-            f"cache must hold one LayerKVCache per self-attention run ({num_self}), "
-            f"got {len(cache.layers)}"
-        )
-    L = cache.key_mask.shape[1]
-    if cache.key_mask.shape != (B, L):
+    what = "sublayer of the scanned block" if config.scan_layers else "run"
+    for field, layer_type, kind in (("layers", "a", "self"), ("cross", "c", "cross")):
+        expected, got = _cache_entries(config, layer_type), len(getattr(cache, field))
+        if got != expected:
+            raise ValueError(
+                f"cache.{field} must hold one LayerKVCache per {kind}-attention {what} "
+                f"({expected}), got {got}"
+            )
+    if config.scan_layers:
+        for entry in (*cache.layers, *cache.cross):
+            if entry is not None and entry.keys.shape[0] != config.depth:
+                raise ValueError(
+                    f"with scan_layers the cache entries are stacked over the depth "
+                    f"({config.depth}) on axis 0, got keys of shape {entry.keys.shape}"
+                )
+    if cache.key_mask.ndim != 2 or cache.key_mask.shape[0] != B:
         raise ValueError(f"cache.key_mask must be [B, L] with B = {B}, got {cache.key_mask.shape}")
+    L = cache.key_mask.shape[1]
     if T > L:
         raise ValueError(f"{T} new tokens do not fit in a cache of max_len {L}")
     return cache
@@ -372,42 +401,53 @@ def _maybe_remat(module_cls: type[nn.Module], policy: str) -> type[nn.Module]:
 class _ScanBlock(nn.Module):
     """One block of ``scan_block`` sublayers: the body of the scan over layers.
 
-    ``__call__(x, per_layer, context, masks, rotary_pos, bias)`` with ``per_layer`` =
-    this layer's (XL memory ``[B, M, D]``, self-attention key mask ``[B, S]``), either
-    may be None; returns ``(x, hidden)`` with ``hidden`` the self-attention input.
+    ``__call__(x, per_layer, context, masks, rotary_pos, bias, cache_index)`` with
+    ``per_layer`` = this layer's (XL memory ``[B, M, D]``, self-attention key mask
+    ``[B, S]``, self-attention caches, cross-attention caches), any of them None (the
+    caches are tuples, one entry per attention sublayer of the block). Returns
+    ``(x, (hidden, new self caches, new cross caches))`` with ``hidden`` the
+    self-attention input; in a cached call (``cache_index`` given) hidden is None.
     """
 
     config: AttentionLayersConfig
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, per_layer, context, masks, rotary_pos, bias):
+    def __call__(self, x, per_layer, context, masks, rotary_pos, bias, cache_index):
         cfg = self.config
-        mem, self_keys = per_layer
+        mem, self_keys, self_caches, cross_caches = per_layer
+        caches = {"a": iter(self_caches or ()), "c": iter(cross_caches or ())}
+        new_caches = {"a": [], "c": []}
         hidden = None
         for j, layer_type in enumerate(cfg.scan_block):
-            layer_masks, layer_mem = masks, None
+            layer_masks, layer_mem, cache_kwargs = masks, None, {}
             if layer_type == "a":
                 hidden = x
                 layer_masks = dict(masks, self_keys=self_keys)
                 layer_mem = mem
+            if cache_index is not None and layer_type != "f":
+                cache_kwargs = dict(kv_cache=next(caches[layer_type]), cache_index=cache_index)
             # Nothing but the hidden state flows between scanned sublayers (the config
             # rules out residual attention and value residuals), so the carry starts empty.
-            carry = dict.fromkeys(("prev_attn", "prev_cross_attn", "values", "cross_values"))
-            new_x, _ = Sublayer(cfg, layer_type, j, self.deterministic, name=f"layers_{j}")(
+            new_x, carry = Sublayer(cfg, layer_type, j, self.deterministic, name=f"layers_{j}")(
                 x,
-                carry,
+                _empty_carry(),
                 context=context,
                 masks=layer_masks,
                 mem=layer_mem,
                 rotary_pos=rotary_pos,
                 bias=bias,
+                **cache_kwargs,
             )
+            if "kv_cache" in carry:
+                new_caches[layer_type].append(carry["kv_cache"])
             if cfg.layer_dropout > 0.0 and not self.deterministic:
                 skip = jax.random.bernoulli(self.make_rng("dropout"), cfg.layer_dropout)
                 new_x = jnp.where(skip, x, new_x)
             x = new_x
-        return x, hidden
+        if cache_index is not None:
+            hidden = None  # decoding has no use for the XL hiddens
+        return x, (hidden, tuple(new_caches["a"]), tuple(new_caches["c"]))
 
 
 def stack_layer_params(params: dict[str, Any], config: AttentionLayersConfig) -> dict[str, Any]:
@@ -507,7 +547,9 @@ class AttentionLayers(nn.Module, metaclass=ConfiguredMeta):
           return_hiddens: also return the input hidden of each self-attention layer (the
             XL memories of the next segment).
           cache: a ``KVCache`` (``init_kv_cache``): x holds the T tokens after the
-            ``cache.length`` already decoded; positions follow the cache.
+            ``cache.length`` already decoded; positions follow the cache. The first call
+            on a fresh cache projects ``context`` into it; later calls use those
+            keys/values and ignore the values of ``context`` (its shape must not change).
           deterministic: disable dropout and layer dropout.
 
         Returns:
@@ -536,7 +578,7 @@ class AttentionLayers(nn.Module, metaclass=ConfiguredMeta):
         if cache is not None:
             return self._cached(
                 x, cache, context, mask, context_mask, attn_mask, self_attn_kv_mask, mems,
-                return_hiddens, deterministic,
+                return_hiddens, num_self, deterministic,
             )  # fmt: skip
         mems = _checked_mems(mems, num_self, B, D)
         mem_len = mems[0].shape[1] if mems else 0
@@ -569,27 +611,9 @@ class AttentionLayers(nn.Module, metaclass=ConfiguredMeta):
                     "num_residual_streams > 1 (hyper-connections) does not support mems or "
                     "return_hiddens (XL recurrence)"
                 )
-        hiddens: list[Array] = []
-        carry = _empty_carry()
-        x = self._split_streams(x)
-        if cfg.scan_layers:
-            x, hiddens = self._scanned(
-                x, context, masks, self_key_masks, mems, rotary_pos, bias, deterministic
-            )
-        else:
-            x = self._unrolled(
-                x,
-                carry,
-                context,
-                masks,
-                self_key_masks,
-                mems,
-                rotary_pos,
-                bias,
-                deterministic,
-                hiddens,
-            )
-        x = self._finish(x)
+        x, hiddens, _ = self._run(
+            x, context, masks, self_key_masks, mems, rotary_pos, bias, deterministic
+        )
         if return_hiddens:
             return x, hiddens
         return x
@@ -660,6 +684,7 @@ class AttentionLayers(nn.Module, metaclass=ConfiguredMeta):
         self_attn_kv_mask,
         mems,
         return_hiddens,
+        num_self,
         deterministic,
     ):
         """One decoding step: the T tokens of x after the ``cache.length`` cached ones."""
@@ -671,7 +696,8 @@ class AttentionLayers(nn.Module, metaclass=ConfiguredMeta):
             raise ValueError("cache cannot be combined with attn_mask (its [T, S] keys are "
                              "the cache slots); use mask for padding")  # fmt: skip
         cache = _checked_cache(cache, cfg, B, T)
-        index = jnp.asarray(cache.length, jnp.int32)
+        # A fresh cache (length None) is being prefilled: its fill is 0.
+        index = jnp.asarray(0 if cache.length is None else cache.length, jnp.int32)
         L = cache.key_mask.shape[1]
         new_keys = self_attn_kv_mask if self_attn_kv_mask is not None else mask
         new_keys = jnp.ones((B, T), bool) if new_keys is None else new_keys.astype(bool)
@@ -680,42 +706,43 @@ class AttentionLayers(nn.Module, metaclass=ConfiguredMeta):
         positions = index + jnp.arange(T, dtype=jnp.int32)  # [T]
         bias = self._position_bias(L, q_offset=index)
         rotary_pos = positions if cfg.uses_rotary else None
-        new_layers: list[LayerKVCache] = []
-        x = self._split_streams(x)
-        x = self._unrolled(
-            x,
-            _empty_carry(),
+        x, _, (layers, cross) = self._run(
+            x, context, masks, [key_mask] * num_self, None, rotary_pos, bias, deterministic,
+            caches=(cache.layers, cache.cross, index),
+        )  # fmt: skip
+        return x, KVCache(layers, cross, key_mask, index + T)
+
+    def _run(
+        self, x, context, masks, self_key_masks, mems, rotary_pos, bias, deterministic, caches=None
+    ):
+        """The stack proper, shared by the plain and the cached call: residual streams,
+        the sublayers (scanned or unrolled), the final norm.
+
+        ``self_key_masks`` holds one self-attention key mask per self-attention run;
+        ``caches`` is ``(self-attention caches, cross-attention caches, fill)`` in a
+        cached call. Returns ``(x, XL hiddens, (new self caches, new cross caches))``,
+        the last None without ``caches``.
+        """
+        run = self._scanned if self.config.scan_layers else self._unrolled
+        x, hiddens, new_caches = run(
+            self._split_streams(x),
             context,
             masks,
-            [key_mask] * len(cache.layers),
-            None,
+            self_key_masks,
+            mems,
             rotary_pos,
             bias,
             deterministic,
-            [],
-            kv_caches=(cache.layers, index, new_layers),
+            caches,
         )
-        x = self._finish(x)
-        return x, KVCache(tuple(new_layers), key_mask, index + T)
+        return self._finish(x), hiddens, new_caches
 
     def _unrolled(
-        self,
-        x,
-        carry,
-        context,
-        masks,
-        self_key_masks,
-        mems,
-        rotary_pos,
-        bias,
-        deterministic,
-        hiddens,
-        kv_caches=None,
+        self, x, context, masks, self_key_masks, mems, rotary_pos, bias, deterministic, caches
     ):
         """Runs ``execute_order`` one sublayer module at a time (``layers_{i}``).
 
-        ``kv_caches`` is ``(layer caches, fill, out list)``: self-attention run r reads
-        cache r and the updated caches are appended to the out list.
+        Attention run r of each kind reads cache entry r (see ``_run``).
         """
         cfg = self.config
         layer_types = cfg.layer_types
@@ -729,18 +756,19 @@ class AttentionLayers(nn.Module, metaclass=ConfiguredMeta):
         order = cfg.execute_order
         mem_iter = iter(mems or ())
         key_mask_iter = iter(self_key_masks)
-        cache_iter = iter(kv_caches[0] if kv_caches else ())
-        cache_kwargs = {}
+        cache_iters = {"a": iter(caches[0]), "c": iter(caches[1])} if caches else {}
+        new_caches = {"a": [], "c": []}
+        hiddens: list[Array] = []
+        carry = _empty_carry()
         for i in order:
             layer, layer_type = layers[i], layer_types[i]
-            mem = None
-            layer_masks = masks
+            mem, layer_masks, cache_kwargs = None, masks, {}
             if layer_type == "a":
                 hiddens.append(x)
                 mem = next(mem_iter) if mems else None
                 layer_masks = dict(masks, self_keys=next(key_mask_iter))
-                if kv_caches:
-                    cache_kwargs = dict(kv_cache=next(cache_iter), cache_index=kv_caches[1])
+            if caches and layer_type != "f":
+                cache_kwargs = dict(kv_cache=next(cache_iters[layer_type]), cache_index=caches[2])
             new_x, new_carry = layer(
                 x,
                 carry,
@@ -749,11 +777,11 @@ class AttentionLayers(nn.Module, metaclass=ConfiguredMeta):
                 mem=mem,
                 rotary_pos=rotary_pos,
                 bias=bias,
-                **(cache_kwargs if layer_type == "a" else {}),
+                **cache_kwargs,
             )
             if "kv_cache" in new_carry:
                 new_carry = dict(new_carry)
-                kv_caches[2].append(new_carry.pop("kv_cache"))
+                new_caches[layer_type].append(new_carry.pop("kv_cache"))
             if cfg.layer_dropout > 0.0 and not deterministic:
                 # Stochastic depth: a dropped sublayer leaves the hidden state (and what it
                 # would have handed to later sublayers) as it was.
@@ -781,14 +809,19 @@ class AttentionLayers(nn.Module, metaclass=ConfiguredMeta):
                     rotary_pos=rotary_pos,
                     bias=bias,
                 )
-        return x
+        if not caches:
+            return x, hiddens, None
+        return x, hiddens, (tuple(new_caches["a"]), tuple(new_caches["c"]))
 
-    def _scanned(self, x, context, masks, self_key_masks, mems, rotary_pos, bias, deterministic):
+    def _scanned(
+        self, x, context, masks, self_key_masks, mems, rotary_pos, bias, deterministic, caches
+    ):
         """Runs one block ``depth`` times under ``nn.scan``: one compiled block body.
 
         Parameters get a leading ``depth`` axis (logical name ``layers``) under
         ``blocks/layers_{j}``; ``stack_layer_params`` converts from the unrolled tree.
-        Returns the output and the per-layer self-attention inputs (XL hiddens).
+        The cache entries, stacked over the depth, ride along the scanned axis with the
+        XL memories and key masks, and come back stacked (see ``_run``).
         """
         cfg = self.config
         block = _maybe_remat(_ScanBlock, cfg.remat_policy)
@@ -796,22 +829,22 @@ class AttentionLayers(nn.Module, metaclass=ConfiguredMeta):
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True, "dropout": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=cfg.depth,
             metadata_params={nn.PARTITION_NAME: LAYERS},
         )
-        # Per-layer inputs ride along the scanned axis: XL memories and key masks.
         key_masks = None
         if any(m is not None for m in self_key_masks):
             S = (mems[0].shape[1] if mems else 0) + x.shape[1]
             ones = jnp.ones((x.shape[0], S), bool)
             key_masks = jnp.stack([ones if m is None else m for m in self_key_masks])
-        per_layer = (jnp.stack(mems) if mems else None, key_masks)
-        x, hidden = scan(cfg, deterministic, name="blocks")(
-            x, per_layer, context, masks, rotary_pos, bias
+        self_caches, cross_caches, cache_index = caches or (None, None, None)
+        per_layer = (jnp.stack(mems) if mems else None, key_masks, self_caches, cross_caches)
+        x, (hidden, new_self, new_cross) = scan(cfg, deterministic, name="blocks")(
+            x, per_layer, context, masks, rotary_pos, bias, cache_index
         )
         hiddens = [] if hidden is None else [hidden[i] for i in range(cfg.depth)]
-        return x, hiddens
+        return x, hiddens, None if caches is None else (new_self, new_cross)
 
 
 class Encoder(AttentionLayers):

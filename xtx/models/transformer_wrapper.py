@@ -10,7 +10,9 @@ Shapes: tokens ``[B, T]`` int, embeddings ``[B, T, D]``, logits ``[B, T, V]``.
 
 Incremental decoding: ``cache = model.init_cache(B, L)`` (a ``KVCache`` pytree of fixed
 size), then ``logits, cache = model.apply(variables, tokens, cache=cache)`` for the prompt
-and for each new token; absolute positions continue at ``cache.length``.
+and for each new token; absolute positions continue where the cache stops. Memory tokens
+go in with the prompt (the first call on a fresh cache) and keep the first cache slots;
+a cross-attending stack projects ``context`` at that call only.
 
 Forward order (x-transformers 2.31): ``E[tok] + P[t] * emb_dim**-0.5`` -> post-emb norm
 -> dropout -> project to ``dim`` -> prepend memory tokens -> stack (with its final norm)
@@ -190,20 +192,23 @@ class TransformerWrapper(nn.Module, metaclass=ConfiguredMeta):
         Args:
           batch_size: B.
           max_len: L, the most tokens (prompt and generated) the cache holds; at most
-            ``max_seq_len`` with absolute positional embeddings.
+            ``max_seq_len`` with absolute positional embeddings. Memory tokens take
+            ``num_memory_tokens`` slots more.
 
         Returns:
-          A ``KVCache`` holding keys/values in the compute dtype.
+          A fresh ``KVCache`` holding keys/values in the compute dtype.
         """
         cfg = self.config
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
+            raise ValueError(f"max_len must be an int >= 1, got {max_len!r}")
         if cfg.has_abs_pos_emb and max_len > cfg.max_seq_len:
             raise ValueError(
                 f"max_len must be <= max_seq_len = {cfg.max_seq_len} with absolute "
                 f"positional embeddings, got {max_len}"
             )
-        if cfg.memory_token_count:
-            raise ValueError("a KV cache is not supported with num_memory_tokens")
-        return init_kv_cache(cfg.attn_layers, batch_size, max_len, jnp.dtype(cfg.dtype))
+        return init_kv_cache(
+            cfg.attn_layers, batch_size, cfg.memory_token_count + max_len, jnp.dtype(cfg.dtype)
+        )
 
     def embed(
         self, x: Array, *, deterministic: bool = True, positions: Array | None = None
@@ -274,10 +279,11 @@ class TransformerWrapper(nn.Module, metaclass=ConfiguredMeta):
           return_embeddings: return the final-normed hiddens ``[B, T, D]``.
           return_logits_and_embeddings: return ``(logits, embeddings)``.
           cache: a ``KVCache`` from ``init_cache``: x holds the T tokens that follow the
-            ``cache.length`` tokens already decoded (a prompt, then one token a step).
+            tokens already decoded (a prompt, then one token a step).
           seq_start_pos: ``[B]`` int, for left-padded rows: the index of each row's first
             real token. Earlier keys are not attended (self-attention) and absolute
             positions count from it (as x-transformers; relative schemes need no shift).
+            Memory tokens stay attended.
           deterministic: disable dropout (pass ``rngs={"dropout": key}`` when False).
 
         Returns:
@@ -297,15 +303,16 @@ class TransformerWrapper(nn.Module, metaclass=ConfiguredMeta):
             mask = mask.astype(bool)
         if cfg.check_token_ids:
             x = _checked_token_ids(x, cfg.num_tokens)
+        M = cfg.memory_token_count
         if cache is not None:
             if mems is not None or return_mems:
                 raise ValueError("cache cannot be combined with mems or return_mems (XL)")
-            if cfg.memory_token_count:
-                raise ValueError("cache is not supported with num_memory_tokens")
             if not isinstance(cache, KVCache):
                 raise TypeError(
                     f"cache must be a KVCache (see init_cache), got {type(cache).__name__}"
                 )
+            if cache.length is not None:
+                M = 0  # the memory tokens went in with the prompt (the fresh cache's call)
         positions = None
         if cache is not None or seq_start_pos is not None:
             if cache is None and cfg.has_abs_pos_emb and T > cfg.max_seq_len:
@@ -314,9 +321,10 @@ class TransformerWrapper(nn.Module, metaclass=ConfiguredMeta):
                     "absolute positional embedding"
                 )
             positions = jnp.arange(T, dtype=jnp.int32)  # [T]
-            if cache is not None:
-                # The cache never holds more than max_seq_len tokens (init_cache).
-                positions = positions + cache.length
+            if cache is not None and cache.length is not None:
+                # The cache never holds more than max_seq_len tokens (init_cache); the
+                # memory tokens fill its first slots.
+                positions = positions + cache.length - cfg.memory_token_count
         if seq_start_pos is not None:
             seq_start_pos = jnp.asarray(seq_start_pos)
             if seq_start_pos.shape != (B,) or not jnp.issubdtype(seq_start_pos.dtype, jnp.integer):
@@ -324,15 +332,12 @@ class TransformerWrapper(nn.Module, metaclass=ConfiguredMeta):
                     f"seq_start_pos must be int [B] = ({B},), got "
                     f"{seq_start_pos.dtype} {seq_start_pos.shape}"
                 )
-            if cfg.memory_token_count:
-                raise ValueError("seq_start_pos is not supported with num_memory_tokens")
             left_pad = positions[None] >= seq_start_pos[:, None]  # [B, T] keys to attend
             if self_attn_kv_mask is not None:
                 left_pad = left_pad & self_attn_kv_mask.astype(bool)
             self_attn_kv_mask = left_pad
             positions = positions[None] - seq_start_pos[:, None]  # [B, T]
         h = self.embed(x, deterministic=deterministic, positions=positions)
-        M = cfg.memory_token_count
         if M:
             mem = jnp.broadcast_to(self.memory_tokens[None].astype(h.dtype), (B, M, cfg.dim))
             h = jnp.concatenate([mem, h], axis=1)

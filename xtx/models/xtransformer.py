@@ -7,12 +7,18 @@ x-transformers 2.31. ``model.apply(variables, src, tgt, mask=src_mask)`` returns
 next-token cross-entropy of the decoder, which reads the encoder output through
 cross-attention.
 
+``model.generate(variables, src, start_tokens, seq_len)`` encodes ``src`` once and samples
+from the decoder with ``AutoregressiveWrapper.generate``; its KV cache holds the
+cross-attention keys/values of the encoder output, projected once at the prefill.
+
 Shapes: src ``[B, S]``, tgt ``[B, T]`` int; ``mask`` ``[B, S]`` bool over src.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -23,6 +29,7 @@ from xtx.config import Config, split_prefixed, unknown_keyword_error
 from xtx.layers.base import ConfiguredMeta
 from xtx.layers.embedding import TokenEmbedding
 from xtx.layers.stack_config import AttentionLayersConfig
+from xtx.models.autoregressive import AutoregressiveWrapper
 from xtx.models.transformer_wrapper import TransformerWrapper, TransformerWrapperConfig
 from xtx.ops import autoregressive_loss
 
@@ -206,3 +213,96 @@ class XTransformer(nn.Module, metaclass=ConfiguredMeta):
             inp, encoded, mask=mask, tgt_mask=tgt_mask, deterministic=deterministic
         )
         return autoregressive_loss(logits, tgt, ignore_index=cfg.ignore_index)
+
+    def generate(
+        self,
+        variables: dict[str, Any],
+        src: Array,
+        start_tokens: Array,
+        seq_len: int,
+        *,
+        src_mask: Array | None = None,
+        **generate_kwargs: Any,
+    ) -> Array:
+        """Samples ``seq_len`` target tokens after ``start_tokens``, given ``src``.
+
+        As x-transformers' ``XTransformer.generate``: the source is encoded once, then the
+        decoder, wrapped in an ``AutoregressiveWrapper`` with this model's ``ignore_index``
+        and ``pad_value``, generates with ``context`` = the encoder output and
+        ``context_mask`` = ``src_mask``. With its KV cache (``cache_kv=True``, the
+        default) the cross-attention keys/values are projected once, at the prefill.
+        The encoder and the decoding loop are compiled once per configuration and shape.
+
+        Args:
+          variables: the XTransformer's variables (``model.init`` or
+            ``xtx.interop.from_x_transformers``).
+          src: ``[B, S]`` int source tokens.
+          start_tokens: ``[B, P]`` int target prompt (e.g. a start token per row).
+          seq_len: number of tokens to generate (>= 1).
+          src_mask: ``[B, S]`` bool, False at source padding.
+          **generate_kwargs: options of ``AutoregressiveWrapper.generate``
+            (``temperature``, ``key``, ``filter_logits_fn``, ``filter_kwargs``,
+            ``eos_token``, ``cache_kv``, ``prompt_lens``).
+
+        Returns:
+          ``[B, seq_len]`` int32 tokens.
+        """
+        for name in ("context", "context_mask"):
+            if name in generate_kwargs:
+                raise TypeError(
+                    f"XTransformer.generate sets {name} itself (the encoded src and "
+                    f"src_mask); do not pass {name}"
+                )
+        encode, decoder = _generation_parts(self.config)
+        src = jnp.asarray(src)
+        if src_mask is not None:
+            src_mask = jnp.asarray(src_mask)
+            if src_mask.shape != src.shape:
+                raise ValueError(
+                    f"src_mask must have the shape of src {src.shape}, got {src_mask.shape}"
+                )
+            src_mask = src_mask.astype(bool)
+        encoded = encode(variables, src, src_mask)  # [B, S, D]
+        return decoder.generate(
+            _decoder_variables(variables, self.config.tie_token_emb),
+            start_tokens,
+            seq_len,
+            context=encoded,
+            context_mask=src_mask,
+            **generate_kwargs,
+        )
+
+
+@functools.lru_cache(maxsize=8)
+def _generation_parts(config: XTransformerConfig) -> tuple[Callable, AutoregressiveWrapper]:
+    """The jitted encoder and the decoder's sampling wrapper of one configuration, kept
+    so that a second ``generate`` with the same shapes compiles nothing. Both modules are
+    top-level (``parent=None``), not children of the module whose method builds them."""
+    model = XTransformer(config, parent=None)
+
+    def encode(variables, src, mask):
+        return model.apply(variables, src, mask=mask, method=XTransformer.encode)
+
+    decoder = AutoregressiveWrapper(
+        TransformerWrapper(config.dec, parent=None),
+        ignore_index=config.ignore_index,
+        pad_value=config.pad_value,
+    )
+    return jax.jit(encode), decoder
+
+
+def _decoder_variables(variables: dict[str, Any], tie_token_emb: bool) -> dict[str, Any]:
+    """The decoder's variables as a standalone ``TransformerWrapper`` holds them: its
+    subtree, plus the shared token embedding under ``token_emb`` when tied."""
+    if "decoder" not in variables.get("params", {}):
+        raise ValueError(
+            "variables must be an XTransformer's, with params['decoder'], got params "
+            f"keys {sorted(variables.get('params', {}))}"
+        )
+    out = {}
+    for collection, tree in variables.items():
+        sub = dict(tree.get("decoder", {}))
+        if tie_token_emb and "shared_token_emb" in tree:
+            sub["token_emb"] = tree["shared_token_emb"]
+        out[collection] = sub
+    return out
