@@ -28,6 +28,8 @@ FAMILIES = (
     "decoder",
     "encoder_decoder",
     "nonautoregressive",
+    "continuous",
+    "vit",
     "transformer_xl",
     "memorizing",
     "block_recurrent",
@@ -54,7 +56,9 @@ class ModelConfig:
       family: one of ``FAMILIES``: ``decoder`` (TransformerWrapper + Decoder; with
         ``max_mem_len > 0`` it trains as Transformer-XL over streamed segments),
         ``encoder_decoder`` (XTransformer), ``nonautoregressive`` (MaskGIT-style
-        NonAutoregressiveWrapper), or a gallery model.
+        NonAutoregressiveWrapper), ``continuous`` (ContinuousAutoregressiveWrapper on
+        vectors standing for the tokens), ``vit`` (a ViT classifying the next token from the
+        window drawn as an image), or a gallery model.
       dim, depth, heads: width, layers, attention heads.
       seq_len: tokens per training segment (``max_seq_len`` / ``segment_len``).
       options: any other keyword of the family's constructor (x-transformers style
@@ -218,6 +222,8 @@ PRESETS: dict[str, RunConfig] = {
     "rmt": _small("rmt", seq_len=128, options={"num_memory": 8}),
     "encoder_decoder": _small("encoder_decoder", seq_len=256),
     "nonautoregressive": _small("nonautoregressive", seq_len=128),
+    "continuous": _small("continuous", seq_len=128),
+    "vit": _small("vit", seq_len=256),
 }
 
 

@@ -221,6 +221,8 @@ class Trainer:
         if count == 0:
             return {}
         loss = total / count
+        if not task.bits:
+            return {"val/loss": loss}
         return {"val/loss": loss, "val/bits_per_token": loss / math.log(2)}
 
 
@@ -313,12 +315,12 @@ def train(
     def evaluate(update: int):
         metrics = trainer.evaluate(ts["params"], config.eval_batches)
         if metrics:
-            metrics[bits_name] = metrics.pop("val/bits_per_token")
+            shown = f"step {update}: val loss {metrics['val/loss']:.4f}"
+            if "val/bits_per_token" in metrics:
+                metrics[bits_name] = metrics.pop("val/bits_per_token")
+                shown += f", {bits_name.split('/')[1]} {metrics[bits_name]:.4f}"
             _record(update, metrics)
-            log(
-                f"step {update}: val loss {metrics['val/loss']:.4f}, "
-                f"{bits_name.split('/')[1]} {metrics[bits_name]:.4f}"
-            )
+            log(shown)
         if config.samples and run.task.sample_fn is not None and is_main:
             _print_samples(run, ts["params"], update, config, log)
 

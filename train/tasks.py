@@ -12,6 +12,10 @@ family                 model                                                  ba
 decoder                ``TransformerWrapper(attn_layers=Decoder(...))``       windows
 decoder + max_mem_len  the same with XL memories carried between steps        stream
 encoder_decoder        ``XTransformer``: first half of a window -> second     windows
+continuous             ``ContinuousAutoregressiveWrapper`` on fixed random    windows
+                       vectors standing for the tokens (next-frame MSE)
+vit                    ``ViTransformerWrapper``: a window as an image ->      windows
+                       the next token (a 256-way classifier on bytes)
 nonautoregressive      ``NonAutoregressiveWrapper`` (MaskGIT)                 windows
 transformer_xl, ...    the gallery models (``init_state`` / ``state=``)       stream
 =====================  =====================================================  ==========
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -69,6 +74,17 @@ def family_keywords(family: str) -> set[str]:
         return wrapper | AttentionLayersConfig.flat_keywords() | _nar_keywords()
     if family in _GALLERY:
         return set(field_names(_GALLERY[family][1]))
+    if family == "continuous":
+        return (
+            (set(field_names(xtx.ContinuousConfig)) - {"attn_layers", "dim_out"})
+            | AttentionLayersConfig.flat_keywords()
+            | _CONTINUOUS_WRAPPER
+        )
+    if family == "vit":
+        return (
+            set(field_names(xtx.ViTConfig))
+            - {"attn_layers", "image_size", "channels", "num_classes", "channels_last"}
+        ) | AttentionLayersConfig.flat_keywords()
     return set()
 
 
@@ -111,6 +127,7 @@ class Task:
       loss_fn: ``(variables, batch, state, rng, train) -> (loss_sum, count, new_state)``.
       sample_fn: ``(variables, prompt [1, P], n, key) -> [n]`` tokens, or None.
       seq_len: tokens per segment.
+      bits: the loss is a cross-entropy in nats (validation also reports bits).
     """
 
     model: nn.Module
@@ -120,6 +137,7 @@ class Task:
     init_fn: Callable[[Array, Batch], Any]
     sample_fn: Callable[..., Array] | None
     seq_len: int
+    bits: bool = True
 
 
 def build_task(cfg: ModelConfig, vocab_size: int) -> Task:
@@ -133,6 +151,10 @@ def build_task(cfg: ModelConfig, vocab_size: int) -> Task:
             return _decoder_task(cfg, vocab_size)
         if cfg.family == "encoder_decoder":
             return _encoder_decoder_task(cfg, vocab_size)
+        if cfg.family == "vit":
+            return _vit_task(cfg, vocab_size)
+        if cfg.family == "continuous":
+            return _continuous_task(cfg, vocab_size)
         if cfg.family in _GALLERY:
             return _gallery_task(cfg, vocab_size)
     except (TypeError, ValueError) as e:
@@ -214,18 +236,7 @@ def _decoder_task(cfg: ModelConfig, V: int) -> Task:
         valid = jnp.concatenate([valid, jnp.ones((tokens.shape[0], T), bool)], 1)[:, -M:]
         return logits, {"mems": new_mems, "valid": valid}
 
-    def xl_loss(variables, batch, state, rng, train):
-        tokens = batch["tokens"]
-        logits, state = run(variables, tokens[:, :-1], state, batch["reset"], rng, train)
-        total, count = cross_entropy_sum(logits, tokens[:, 1:], batch["loss_mask"])
-        return total, count, state
-
-    sample_fn = _buffer_sampler(
-        lambda v, t, s: run(v, t, s, jnp.zeros((t.shape[0],), bool), None, False)[0],
-        init_state,
-        cfg.seq_len,
-    )
-    return Task(model, True, init_state, xl_loss, init_fn, sample_fn, cfg.seq_len)
+    return _stateful_task(model, run, init_state, init_fn, cfg.seq_len)
 
 
 def _nar_task(cfg: ModelConfig, model, V: int, options: dict) -> Task:
@@ -233,6 +244,10 @@ def _nar_task(cfg: ModelConfig, model, V: int, options: dict) -> Task:
         from xtx.models.nonautoregressive import NonAutoregressiveWrapper
     except ImportError as e:  # pragma: no cover - the module ships with xtx
         raise ConfigError("nonautoregressive needs xtx.models.nonautoregressive") from e
+    # x-transformers 2.31's default MDLM weight schedule'(t) / (1 - schedule(t)) is
+    # negative for its decreasing schedules, which would make minimising the loss raise
+    # the cross-entropy: train on the unweighted masked-token cross-entropy unless asked.
+    options = {"use_simple_mdlm_loss_weight": False, **options}
     wrapper = NonAutoregressiveWrapper(model, mask_id=V, **options)
 
     def init_fn(key, batch):
@@ -288,6 +303,83 @@ def _encoder_decoder_task(cfg: ModelConfig, V: int) -> Task:
     return Task(model, False, None, loss_fn, init_fn, None, cfg.seq_len)
 
 
+def _vit_task(cfg: ModelConfig, V: int) -> Task:
+    """A ViT as a next-token classifier: the ``seq_len`` tokens before a position, laid
+    out row by row as a one-channel ``sqrt(seq_len)``-square image (token id / V),
+    predict the token at that position (``num_classes = V``)."""
+    side = math.isqrt(cfg.seq_len)
+    if side * side != cfg.seq_len:
+        raise ConfigError(f"vit needs a square model.seq_len (an image side^2), got {cfg.seq_len}")
+    options = dict(cfg.options)
+    patch = options.pop("patch_size", 4 if side % 4 == 0 else 1)
+    wrapper_kw, stack_kw = _split(options, set(field_names(xtx.ViTConfig)))
+    model = xtx.ViTransformerWrapper(
+        image_size=side,
+        patch_size=patch,
+        channels=1,
+        channels_last=True,
+        num_classes=V,
+        attn_layers=xtx.Encoder(dim=cfg.dim, depth=cfg.depth, heads=cfg.heads, **stack_kw),
+        **wrapper_kw,
+    )
+
+    def images(batch):  # [B, T + 1] -> [B, side, side, 1] and labels [B]
+        tokens = batch["tokens"]
+        pixels = tokens[:, : cfg.seq_len].astype(jnp.float32) / V
+        return pixels.reshape(-1, side, side, 1), tokens[:, cfg.seq_len]
+
+    def init_fn(key, batch):
+        return model.init(key, images(batch)[0])
+
+    def loss_fn(variables, batch, state, rng, train):
+        img, labels = images(batch)
+        logits = model.apply(variables, img)  # [B, V]
+        return (*cross_entropy_sum(logits, labels, batch["loss_mask"][:, -1]), state)
+
+    return Task(model, False, None, loss_fn, init_fn, None, cfg.seq_len)
+
+
+def _continuous_task(cfg: ModelConfig, V: int) -> Task:
+    """``ContinuousAutoregressiveWrapper`` on token frames: every token id is drawn as a
+    fixed random ``dim_in``-vector (seeded, not learned), and the model regresses the next
+    frame (mean squared error by default)."""
+    from xtx.models.continuous_autoregressive import ContinuousAutoregressiveWrapper
+
+    options = dict(cfg.options)
+    dim_in = options.pop("dim_in", 16)
+    wrapper_kw = _split(options, _CONTINUOUS_WRAPPER)[0]
+    net_kw, stack_kw = _split(
+        {k: v for k, v in options.items() if k not in wrapper_kw},
+        set(field_names(xtx.ContinuousConfig)),
+    )
+    net = xtx.ContinuousTransformerWrapper(
+        dim_in=dim_in,
+        dim_out=dim_in,
+        max_seq_len=cfg.seq_len,
+        attn_layers=xtx.Decoder(dim=cfg.dim, depth=cfg.depth, heads=cfg.heads, **stack_kw),
+        **net_kw,
+    )
+    wrapper = ContinuousAutoregressiveWrapper(net, **wrapper_kw)
+    table = jax.random.normal(jax.random.key(cfg.depth * 7919 + V), (V, dim_in))
+
+    def frames(batch):  # [B, T + 1] -> [B, T + 1, dim_in]
+        return jnp.take(table, batch["tokens"], axis=0)
+
+    def init_fn(key, batch):
+        return wrapper.init(key, frames(batch)[:, :-1])
+
+    def loss_fn(variables, batch, state, rng, train):
+        mask = batch["loss_mask"]
+        loss = wrapper.apply(variables, frames(batch), mask=mask)
+        count = jnp.sum(mask.astype(jnp.float32))
+        return loss * count, count, state
+
+    return Task(net, False, None, loss_fn, init_fn, None, cfg.seq_len, bits=False)
+
+
+_CONTINUOUS_WRAPPER = {"loss_fn", "use_l1_loss", "equal_loss_weight_batch"}
+
+
 def _gallery_task(cfg: ModelConfig, V: int) -> Task:
     cls, config_cls, length_name = _GALLERY[cfg.family]
     kwargs = {
@@ -315,16 +407,26 @@ def _gallery_task(cfg: ModelConfig, V: int) -> Task:
         tokens = batch["tokens"][:, :-1]
         return model.init(key, tokens, state=model.init_state(tokens.shape[0]))
 
+    return _stateful_task(model, run, model.init_state, init_fn, cfg.seq_len)
+
+
+def _stateful_task(
+    model: nn.Module, run: Callable, init_state: Callable, init_fn: Callable, seq_len: int
+) -> Task:
+    """A streamed task from ``run(variables, tokens, state, reset, rng, train) ->
+    (logits, state)``."""
+
     def loss_fn(variables, batch, state, rng, train):
         tokens = batch["tokens"]
         logits, state = run(variables, tokens[:, :-1], state, batch["reset"], rng, train)
         total, count = cross_entropy_sum(logits, tokens[:, 1:], batch["loss_mask"])
         return total, count, state
 
-    sample_fn = _buffer_sampler(
-        lambda v, t, s: run(v, t, s, None, None, False)[0], model.init_state, cfg.seq_len
-    )
-    return Task(model, True, model.init_state, loss_fn, init_fn, sample_fn, cfg.seq_len)
+    def logits_of(variables, tokens, state):
+        return run(variables, tokens, state, jnp.zeros((tokens.shape[0],), bool), None, False)[0]
+
+    sample_fn = _buffer_sampler(logits_of, init_state, seq_len)
+    return Task(model, True, init_state, loss_fn, init_fn, sample_fn, seq_len)
 
 
 def _buffer_sampler(logits_of: Callable, init_state: Callable, seq_len: int) -> Callable:

@@ -1,9 +1,10 @@
-"""KV-cache decoding and ``AutoregressiveWrapper``: against x-transformers and numpy.
+"""KV-cache decoding and ``AutoregressiveWrapper``: against x-transformers and uncached passes.
 
 Oracles: an uncached forward pass over the whole sequence (a prefill then single-token
 cached steps must give the same logits), x-transformers 2.31's ``AutoregressiveWrapper``
-on the same converted weights (greedy tokens, loss), and numpy re-implementations of the
-sampling filters.
+on the same converted weights (greedy tokens, loss). The sampling filters are tested in
+``tests/ops/test_sampling.py``, beam search and contrastive decoding in
+``tests/models/test_beam_contrastive.py``.
 """
 
 import jax
@@ -17,7 +18,7 @@ from x_transformers import TransformerWrapper as TorchTransformerWrapper
 
 from xtx import AutoregressiveWrapper, Decoder, TransformerWrapper
 from xtx.interop import from_x_transformers
-from xtx.models.autoregressive import forgetful_causal_mask, min_p, top_a, top_k, top_p
+from xtx.models.autoregressive import forgetful_causal_mask, top_k
 
 B, V, D, DEPTH, HEADS, MAX_LEN = 2, 20, 32, 2, 4, 16
 PROMPT, NEW = 4, 8
@@ -144,48 +145,6 @@ def test_eos_stops_rows_and_pads(rotary_model):
         assert (row[stop:] == V - 1).all()
 
 
-def _np_softmax(x):
-    e = np.exp(x - x.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
-
-
-@pytest.fixture(scope="module")
-def logits():
-    return np.random.default_rng(0).normal(size=(3, V)).astype(np.float32) * 2
-
-
-def test_top_k(logits):
-    for kwargs, k in (({"k": 4}, 4), ({"frac_num_tokens": 0.25}, 5), ({}, 2)):
-        expected = np.full_like(logits, -np.inf)
-        for r in range(3):
-            keep = np.argsort(-logits[r])[:k]
-            expected[r, keep] = logits[r, keep]
-        np.testing.assert_array_equal(top_k(jnp.asarray(logits), **kwargs), expected)
-
-
-def test_top_p(logits):
-    for thres in (0.5, 0.9):
-        expected = np.full_like(logits, -np.inf)
-        probs = _np_softmax(logits)
-        for r in range(3):
-            total = 0.0
-            for j in np.argsort(-logits[r]):  # keep until the mass before j exceeds thres
-                if total > thres:
-                    break
-                expected[r, j] = logits[r, j]
-                total += probs[r, j]
-        np.testing.assert_array_equal(top_p(jnp.asarray(logits), thres=thres), expected)
-
-
-def test_top_a_and_min_p(logits):
-    probs = _np_softmax(logits)
-    best = probs.max(-1, keepdims=True)
-    expected = np.where(probs < best**2.0 * 0.3, -np.inf, logits)
-    np.testing.assert_array_equal(top_a(jnp.asarray(logits), min_p_ratio=0.3), expected)
-    expected = np.where(probs < 0.2 * best, -np.inf, logits)
-    np.testing.assert_array_equal(min_p(jnp.asarray(logits), min_p=0.2), expected)
-
-
 def test_bad_input(rotary_model):
     _, module, variables = rotary_model
     wrapper = AutoregressiveWrapper(module)
@@ -213,13 +172,6 @@ def test_bad_input(rotary_model):
         AutoregressiveWrapper(absolute).generate({}, jnp.zeros((1, 6), jnp.int32), 4, **greedy)
     with pytest.raises(ValueError, match="max_len must be <= max_seq_len"):
         absolute.init_cache(1, 9)
-    scanned = TransformerWrapper(
-        num_tokens=V,
-        max_seq_len=8,
-        attn_layers=Decoder(dim=D, depth=1, heads=2, scan_layers=True),
-    )
-    with pytest.raises(ValueError, match="scan_layers=True"):
-        scanned.init_cache(1, 4)
 
 
 @pytest.mark.parametrize("name", ["absolute", "rotary"])

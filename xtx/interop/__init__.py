@@ -33,6 +33,7 @@ from xtx.interop.layout import (
 from xtx.interop.reading import config_from_x_transformers, module_for_config
 from xtx.interop.torch_build import torch_model_from_config
 from xtx.interop.verify import example_inputs, verify_against
+from xtx.interop.wrappers import is_torch_wrapper, wrapper_from_x_transformers
 
 __all__ = [
     "UnsupportedOption",
@@ -61,7 +62,10 @@ def from_x_transformers(
 
     Args:
       model: an x-transformers ``TransformerWrapper``, ``XTransformer``,
-        ``ViTransformerWrapper`` or ``ContinuousTransformerWrapper``.
+        ``ViTransformerWrapper`` or ``ContinuousTransformerWrapper``, or one of the
+        training wrappers ``AutoregressiveWrapper``, ``XLAutoregressiveWrapper``,
+        ``NonAutoregressiveWrapper``, ``ContinuousAutoregressiveWrapper`` (its networks
+        are converted with these options; see ``xtx.interop.wrappers``).
       verify: run both models on a small random input and raise if the outputs differ
         by more than ``atol``.
       atol: tolerance of the verification.
@@ -76,6 +80,9 @@ def from_x_transformers(
     Raises:
       UnsupportedOption: the model uses an option xtx cannot convert.
     """
+    if is_torch_wrapper(model):
+        options = dict(verify=verify, atol=atol, scan_layers=scan_layers, remat_policy=remat_policy)
+        return wrapper_from_x_transformers(model, lambda net: from_x_transformers(net, **options))
     config = config_from_x_transformers(model)
     config = with_stack_options(config, scan_layers=scan_layers, remat_policy=remat_policy)
     module = module_for_config(config)

@@ -9,6 +9,10 @@ Transformer-XL memories (1901.02860): ``mems=`` in, ``return_mems=True`` out; un
 ``TransformerWrapper``, x-transformers builds the next memories from this segment's
 hiddens alone (the old memories are not prepended), and so does this port.
 
+Incremental decoding (``ContinuousAutoregressiveWrapper.generate``): ``cache =
+model.init_cache(B, L)``, then ``out, cache = model.apply(variables, x, cache=cache)``
+for the prompt and for each new frame; absolute positions continue at ``cache.length``.
+
 Shapes: x ``[B, T, dim_in]``, mask ``[B, T]``, output ``[B, T, dim_out]`` (``[2, B, T,
 dim_out]`` when probabilistic).
 """
@@ -26,7 +30,7 @@ from xtx.config import Config
 from xtx.layers.base import EMBED, ConfiguredMeta, Projection, dropout
 from xtx.layers.embedding import PositionalEmbedding
 from xtx.layers.norms import Norm
-from xtx.layers.transformer import AttentionLayers, AttentionLayersConfig
+from xtx.layers.transformer import AttentionLayers, AttentionLayersConfig, KVCache, init_kv_cache
 from xtx.models.transformer_wrapper import (
     COMPUTE_DTYPES,
     next_xl_memories,
@@ -102,6 +106,19 @@ class ContinuousTransformerWrapper(nn.Module, metaclass=ConfiguredMeta):
     def config_from_kwargs(cls, **kwargs: Any) -> ContinuousConfig:
         return wrapper_config(ContinuousConfig, "ContinuousTransformerWrapper", kwargs)
 
+    def init_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """An empty KV cache of ``max_len`` frames (prompt and generated) for incremental
+        decoding; at most ``max_seq_len`` with absolute positional embeddings."""
+        cfg = self.config
+        if cfg.has_abs_pos_emb and max_len > cfg.max_seq_len:
+            raise ValueError(
+                f"max_len must be <= max_seq_len = {cfg.max_seq_len} with absolute "
+                f"positional embeddings, got {max_len}"
+            )
+        if cfg.num_memory_tokens:
+            raise ValueError("a KV cache is not supported with num_memory_tokens")
+        return init_kv_cache(cfg.attn_layers, batch_size, max_len, jnp.dtype(cfg.dtype))
+
     @nn.compact
     def __call__(
         self,
@@ -116,6 +133,7 @@ class ContinuousTransformerWrapper(nn.Module, metaclass=ConfiguredMeta):
         return_mems: bool = False,
         return_embeddings: bool = False,
         deterministic: bool = True,
+        cache: KVCache | None = None,
     ) -> Any:
         """Runs the model.
 
@@ -133,9 +151,12 @@ class ContinuousTransformerWrapper(nn.Module, metaclass=ConfiguredMeta):
             gradient-stopped (x-transformers does not prepend the old memories here).
           return_embeddings: return the final-normed hiddens.
           deterministic: disable dropout (pass ``rngs={"dropout": key}`` when False).
+          cache: a ``KVCache`` from ``init_cache``: x holds the T frames that follow the
+            ``cache.length`` frames already decoded.
 
         Returns:
-          ``[B, T, dim_out]`` (see the module docstring), or ``(that, new_mems)``.
+          ``[B, T, dim_out]`` (see the module docstring), or ``(that, new_mems)``, or
+          with ``cache`` ``(that, new_cache)``.
         """
         cfg = self.config
         require_dropout_rng(self, deterministic)
@@ -154,13 +175,21 @@ class ContinuousTransformerWrapper(nn.Module, metaclass=ConfiguredMeta):
             if mask.shape != (B, T):
                 raise ValueError(f"mask must have shape [B, T] = {(B, T)}, got {mask.shape}")
         orig_mask = mask
+        if cache is not None and (cfg.num_memory_tokens or mems is not None or return_mems):
+            raise ValueError("cache cannot be combined with num_memory_tokens or mems (XL)")
         if cfg.has_project_in:
             x = Projection((dim,), (cfg.dim_in,), (None, EMBED), name="project_in")(x)
         if cfg.has_abs_pos_emb:
             pos_emb = PositionalEmbedding(
                 cfg.max_seq_len, dim, scaled_sinusoidal=cfg.scaled_sinu_pos_emb, name="pos_emb"
             )
-            x = x + pos_emb(T).astype(x.dtype)
+            if cache is None:
+                pos = pos_emb(T)
+            else:
+                # A fresh cache (length None) is being prefilled from position 0.
+                offset = 0 if cache.length is None else cache.length
+                pos = jax.lax.dynamic_slice_in_dim(pos_emb(cfg.max_seq_len), offset, T)
+            x = x + pos.astype(x.dtype)
         if cfg.post_emb_norm:
             x = Norm("layernorm", name="post_emb_norm")(x)
         M = cfg.num_memory_tokens or 0
@@ -182,8 +211,11 @@ class ContinuousTransformerWrapper(nn.Module, metaclass=ConfiguredMeta):
             mems=mems,
             mem_masks=mem_masks,
             return_hiddens=return_mems,
+            cache=cache,
             deterministic=deterministic,
         )
+        if cache is not None:
+            x, cache = x
         new_mems = None
         if return_mems:
             x, hiddens = x
@@ -202,4 +234,6 @@ class ContinuousTransformerWrapper(nn.Module, metaclass=ConfiguredMeta):
             if cfg.probabilistic:
                 mean, log_var = x[..., 0::2], x[..., 1::2]
                 x = jnp.stack([mean, jnp.exp(log_var)])
+        if cache is not None:
+            return x, cache
         return (x, new_mems) if return_mems else x

@@ -1,4 +1,4 @@
-"""Pure, jittable functions: attention, masks, positional schemes and norms.
+"""Pure, jittable functions: attention, masks, positional schemes, norms and sampling.
 
 Nothing here imports Flax, so these can be used from raw JAX, Equinox or NNX code.
 """
@@ -33,11 +33,26 @@ from xtx.ops.positional import (
     xpos_scale,
 )
 from xtx.ops.relative_bias import RelativeBias
+from xtx.ops.sampling import (
+    FILTER_LOGITS_FNS,
+    beam_candidates,
+    contrastive_decode,
+    decode_loop,
+    gumbel_perturb,
+    min_p,
+    resolve_filter,
+    sample_tokens,
+    select_beams,
+    top_a,
+    top_k,
+    top_p,
+)
 from xtx.ops.splash import splash_attention
 from xtx.ops.token_shift import shift_tokens
 
 __all__ = [
     "AttentionMask",
+    "FILTER_LOGITS_FNS",
     "RelativeBias",
     "alibi_bias",
     "alibi_slopes",
@@ -47,27 +62,38 @@ __all__ = [
     "attention_output",
     "autoregressive_loss",
     "available_backends",
+    "beam_candidates",
     "blockwise_attention",
+    "contrastive_decode",
     "cross_entropy",
+    "decode_loop",
     "entmax15",
+    "gumbel_perturb",
     "keep_top_k",
     "l2_normalize",
     "layer_norm",
     "mask_value",
+    "min_p",
     "mix_heads",
     "normalize_logits",
     "pad_keys",
     "reference_attention",
     "register_backend",
+    "resolve_filter",
     "rms_norm",
     "rotary_angles",
     "rotary_inv_freq",
+    "sample_tokens",
     "scale_norm",
+    "select_beams",
     "shift_tokens",
     "sinusoidal_embedding",
     "softclamp",
     "splash_attention",
     "t5_position_bias",
     "t5_relative_position_bucket",
+    "top_a",
+    "top_k",
+    "top_p",
     "xpos_scale",
 ]
