@@ -31,3 +31,10 @@ jax.config.update("jax_default_matmul_precision", "highest")
 jax.config.update("jax_compilation_cache_dir", os.environ["XTX_TEST_JAX_CACHE"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+try:  # the x-transformers oracle: tiny matmuls, one thread per xdist worker
+    import torch
+except ImportError:  # the oracle is only in the test extra
+    torch = None
+if torch is not None:
+    torch.set_num_threads(1)

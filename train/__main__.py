@@ -66,7 +66,22 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict]:
         help="continue the run in DIR from its latest checkpoint",
     )
     parser.add_argument(
-        "--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)"
+        "--distributed",
+        action="store_true",
+        help="multi-host: call jax.distributed.initialize() before anything else",
+    )
+    parser.add_argument(
+        "--coordinator",
+        default=None,
+        metavar="HOST:PORT",
+        help="with --distributed: process 0's address (default: detected on TPU/SLURM, "
+        "or $JAX_COORDINATOR_ADDRESS)",
+    )
+    parser.add_argument(
+        "--num-processes", type=int, default=None, help="with --distributed ($JAX_NUM_PROCESSES)"
+    )
+    parser.add_argument(
+        "--process-id", type=int, default=None, help="with --distributed ($JAX_PROCESS_ID)"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar or samples")
     args, rest = parser.parse_known_args(argv)
@@ -121,12 +136,32 @@ def resolve(args: argparse.Namespace, overrides: dict) -> tuple[RunConfig, Path,
     return config, out, False
 
 
+def _initialize_distributed(args: argparse.Namespace) -> None:
+    """``jax.distributed.initialize`` from the flags, else the environment, else JAX's
+    own cluster detection (Cloud TPU, SLURM, ...)."""
+    import os
+
+    import jax
+
+    def env_int(name: str) -> int | None:
+        value = os.environ.get(name)
+        return int(value) if value else None
+
+    num_processes = args.num_processes or env_int("JAX_NUM_PROCESSES")
+    process_id = args.process_id if args.process_id is not None else env_int("JAX_PROCESS_ID")
+    # CPU hosts talk through gloo; the setting only concerns the CPU backend.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=args.coordinator,
+        num_processes=num_processes,
+        process_id=process_id,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     if args.distributed:
-        import jax
-
-        jax.distributed.initialize()
+        _initialize_distributed(args)
     from train.loop import train
 
     try:

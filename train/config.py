@@ -184,6 +184,7 @@ PRESETS: dict[str, RunConfig] = {
     # The default run: a byte-level decoder on the standard library's sources.
     "default": RunConfig(
         model=ModelConfig(dim=256, depth=4, heads=4, seq_len=256, options={"rotary_pos_emb": True}),
+        eval_every=100,
     ),
     "gpt_small": RunConfig(
         model=ModelConfig(

@@ -312,7 +312,7 @@ def train(
         meta = {"micro_step": micro, "data_step": micro, "config": config.to_dict()}
         ckpt.save(micro, ts, meta, force=force)
 
-    def evaluate(update: int):
+    def evaluate(update: int, samples: bool = True):
         metrics = trainer.evaluate(ts["params"], config.eval_batches)
         if metrics:
             shown = f"step {update}: val loss {metrics['val/loss']:.4f}"
@@ -321,7 +321,9 @@ def train(
                 shown += f", {bits_name.split('/')[1]} {metrics[bits_name]:.4f}"
             _record(update, metrics)
             log(shown)
-        if config.samples and run.task.sample_fn is not None and is_main:
+        # Every process takes part in sampling (the parameters span all of them); only
+        # process 0 prints.
+        if samples and config.samples and run.task.sample_fn is not None:
             _print_samples(run, ts["params"], update, config, log)
 
     def _record(update: int, metrics: dict):
@@ -331,6 +333,8 @@ def train(
             writer.write(update, metrics)
 
     micro, stopped = start, False
+    if start == 0 and config.eval_every:
+        evaluate(0, samples=False)  # the untrained baseline of the validation curve
     with PreemptionGuard() as guard:
         while micro < total_micro and not stopped:
             ts, metrics = trainer.step(ts, run.train_batches.batch(micro))

@@ -32,16 +32,6 @@ def _torch_decoder(depth, heads, seed, **kwargs):
     return model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The torch oracle's tiny matmuls run several times faster on one thread when the
-    machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def models():
     """Torch expert and amateur, a prompt, and the converted expert in one wrapper (its

@@ -28,16 +28,6 @@ from xtx.models.xl_autoregressive import XLAutoregressiveWrapper
 B, V, D, L, MEM = 2, 20, 32, 4, 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The torch oracle's tiny matmuls run several times faster on one thread when the
-    machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def xl():
     torch.manual_seed(0)

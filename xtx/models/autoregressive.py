@@ -10,16 +10,11 @@ by contrastive decoding against a smaller amateur model (2210.15097);
 ``wrapper.beam_search(variables, prompts, seq_len)`` keeps the ``beams`` most likely
 continuations (Gumbel-perturbed candidates with ``temperature > 0``, 1903.06059).
 
-Decoding is one compiled program: the prompt fills a fixed-size KV cache
-(``TransformerWrapper.init_cache``), then a ``lax.while_loop`` decodes one token a step
-(the loop stops early once every row has produced ``eos_token``). Without the cache each
-step reruns the model over a fixed-size token buffer; causality makes the slots not yet
-written invisible. A contrastive amateur decodes in the same loop with its own cache. Beam
-search runs the ``B * beams`` beams as one batch and, when it reorders them, gathers every
-cache leaf along its batch axis (found by comparing the state with that of one more row,
-traced abstractly, so any cache pytree works). The jitted program is kept on the wrapper
-per set of static options, and ``jax.jit`` keeps one executable per shape, so a second
-call with the same shapes compiles nothing.
+Decoding is one compiled program (a KV cache or a rerun over a fixed-size buffer, a
+``lax.while_loop`` that stops once every row has produced ``eos_token``), built in
+``xtx.models.decoding``. The jitted program is kept on the wrapper per set of static
+options, and ``jax.jit`` keeps one executable per shape, so a second call with the same
+shapes compiles nothing.
 
 Sampling filters and the sampling step live in ``xtx.ops.sampling`` (re-exported here).
 Differences from x-transformers: EOS is looked for among the generated tokens only
@@ -35,26 +30,32 @@ beams ``[K, B, seq_len]`` with scores ``[K, B]`` (x-transformers' layout).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
+from xtx.models.decoding import beam_program, decode_program, prepare_prompts
 from xtx.models.transformer_wrapper import TransformerWrapper
+from xtx.models.wrapper_common import (
+    check_count,
+    check_eos_token,
+    check_instance,
+    compiled_program,
+    sampling_key,
+    sampling_options,
+    training_tokens,
+)
 from xtx.ops.sampling import (
     FILTER_LOGITS_FNS,
-    beam_candidates,
     check_range,
     contrastive_decode,
-    decode_loop,
     min_p,
     resolve_filter,
-    sample_tokens,
-    select_beams,
     top_a,
     top_k,
     top_p,
@@ -86,16 +87,6 @@ def forgetful_causal_mask(key: Array, B: int, T: int, mask_prob: float) -> Array
     return ~hidden
 
 
-def _align_right(prompts: Array, lens: Array, pad_value: int) -> tuple[Array, Array]:
-    """Moves each row's first ``lens[b]`` tokens to the end of ``[B, P]`` (left padding with
-    ``pad_value``); returns the aligned prompts and each row's start ``P - lens``."""
-    P = prompts.shape[1]
-    start = (P - lens).astype(jnp.int32)  # [B]
-    src = jnp.arange(P)[None] - start[:, None]  # [B, P] source column of each slot
-    aligned = jnp.take_along_axis(prompts, jnp.clip(src, 0, P - 1), axis=1)
-    return jnp.where(src >= 0, aligned, pad_value).astype(prompts.dtype), start
-
-
 class AutoregressiveWrapper:
     """Next-token training loss and sampling around a decoder ``TransformerWrapper``.
 
@@ -117,8 +108,7 @@ class AutoregressiveWrapper:
         pad_value: int = 0,
         mask_prob: float = 0.0,
     ):
-        if not isinstance(net, TransformerWrapper):
-            raise TypeError(f"net must be a TransformerWrapper, got {type(net).__name__}")
+        check_instance("net", net, TransformerWrapper)
         if not 0.0 <= mask_prob < 1.0:
             raise ValueError(f"mask_prob must be in [0, 1), got {mask_prob!r}")
         self.net = net
@@ -156,12 +146,8 @@ class AutoregressiveWrapper:
         Returns:
           The scalar float32 mean cross-entropy over targets that are not ``ignore_index``.
         """
-        x = jnp.asarray(x)
-        if x.ndim != 2 or not jnp.issubdtype(x.dtype, jnp.integer):
-            raise ValueError(f"x must be int tokens [B, T], got {x.dtype} {x.shape}")
+        x = training_tokens(x)
         B, T = x.shape
-        if T < 2:
-            raise ValueError(f"x needs at least 2 tokens to predict one, got shape {x.shape}")
         rngs = dict(rngs or {})
         if lens is not None:
             lens = jnp.asarray(lens)
@@ -232,7 +218,7 @@ class AutoregressiveWrapper:
         Returns:
           ``[B, seq_len]`` int32 tokens (``[seq_len]`` for a 1-D prompt).
         """
-        prompts, seq_start_pos, unbatched = self._prompts(prompts, prompt_lens)
+        prompts, seq_start_pos, unbatched = prepare_prompts(prompts, prompt_lens, self.pad_value)
         self._check_decoding(self.net, prompts.shape[1], seq_len, temperature, eos_token)
         filter_fn = resolve_filter(filter_logits_fn)
         filter_kwargs = dict(filter_kwargs or {})
@@ -246,18 +232,15 @@ class AutoregressiveWrapper:
             filter_fn, filter_kwargs = resolve_filter(None), {}
         elif contrastive_decode_kwargs is not None:
             raise ValueError("contrastive_decode_kwargs needs amateur=(net, variables)")
-        key = self._key(key, temperature, filter_fn, filter_kwargs)
+        key = sampling_key(key, temperature, filter_fn, filter_kwargs, self.net.config.num_tokens)
         static = (
-            seq_len,
-            float(temperature),
-            filter_fn,
-            tuple(sorted(filter_kwargs.items())),
-            eos_token,
+            *sampling_options(seq_len, temperature, filter_fn, filter_kwargs, eos_token),
             amateur_net,
             cd_items,
             bool(cache_kv),
         )
-        decode = self._program(static, self._decode_fn)
+        build = functools.partial(decode_program, self.net, self.pad_value)
+        decode = compiled_program(self._compiled, static, build)
         out = decode(variables, amateur_variables, prompts, seq_start_pos, key, net_kwargs)
         return out[0] if unbatched else out
 
@@ -307,25 +290,22 @@ class AutoregressiveWrapper:
           ``[B, seq_len]`` int32, the best beam; with ``return_beams_and_scores`` the pair
           ``(beams [K, B, seq_len], scores [K, B])``, best first. A 1-D prompt drops B.
         """
-        prompts, seq_start_pos, unbatched = self._prompts(prompts, prompt_lens)
+        prompts, seq_start_pos, unbatched = prepare_prompts(prompts, prompt_lens, self.pad_value)
         self._check_decoding(self.net, prompts.shape[1], seq_len, temperature, eos_token)
         V = self.net.config.logits_dim or self.net.config.num_tokens
         if isinstance(beams, bool) or not isinstance(beams, int) or not 1 <= beams <= V:
             raise ValueError(f"beams must be an int in [1, {V}] (the vocabulary), got {beams!r}")
         filter_fn = resolve_filter(filter_logits_fn)
         filter_kwargs = dict(filter_kwargs or {})
-        key = self._key(key, temperature, filter_fn, filter_kwargs)
+        key = sampling_key(key, temperature, filter_fn, filter_kwargs, self.net.config.num_tokens)
         static = (
             "beam_search",
-            seq_len,
             beams,
-            float(temperature),
-            filter_fn,
-            tuple(sorted(filter_kwargs.items())),
-            eos_token,
+            *sampling_options(seq_len, temperature, filter_fn, filter_kwargs, eos_token),
             bool(cache_kv),
         )
-        search = self._program(static, self._beam_fn)
+        build = functools.partial(beam_program, self.net, self.pad_value)
+        search = compiled_program(self._compiled, static, build)
         net_kwargs = dict(net_kwargs, seq_start_pos=seq_start_pos)
         out, scores = search(variables, prompts, key, net_kwargs)  # [B, K, n], [B, K]
         if unbatched:
@@ -334,34 +314,6 @@ class AutoregressiveWrapper:
             return out[..., 0, :]
         return jnp.moveaxis(out, -2, 0), jnp.moveaxis(scores, -1, 0)
 
-    def _prompts(self, prompts: Any, prompt_lens: Any) -> tuple[Array, Array, bool]:
-        """Checks prompts -> ``([B, P] int32 right-aligned, seq_start_pos [B], unbatched)``."""
-        if isinstance(prompts, list | tuple):
-            prompts, prompt_lens = self._pad_prompt_list(prompts, prompt_lens)
-        prompts = jnp.asarray(prompts)
-        unbatched = prompts.ndim == 1
-        if unbatched:
-            prompts = prompts[None]
-        if prompts.ndim != 2 or not jnp.issubdtype(prompts.dtype, jnp.integer):
-            raise ValueError(
-                f"prompts must be int tokens [B, P], got {prompts.dtype} {prompts.shape}"
-            )
-        B, P = prompts.shape
-        if P < 1:
-            raise ValueError(f"prompts must hold at least one token, got shape {prompts.shape}")
-        seq_start_pos = jnp.zeros((B,), jnp.int32)
-        if prompt_lens is not None:
-            lens = np.asarray(prompt_lens)
-            if lens.shape != (B,) or not np.issubdtype(lens.dtype, np.integer):
-                raise ValueError(
-                    f"prompt_lens must be int [B] matching prompts {tuple(prompts.shape)}, "
-                    f"got {lens.dtype} {lens.shape}"
-                )
-            if (lens < 1).any() or (lens > P).any():
-                raise ValueError(f"prompt_lens must be in [1, P = {P}], got {lens.tolist()}")
-            prompts, seq_start_pos = _align_right(prompts, jnp.asarray(lens), self.pad_value)
-        return prompts.astype(jnp.int32), seq_start_pos, unbatched
-
     @staticmethod
     def _check_decoding(net, P, seq_len, temperature, eos_token, name="network"):
         """Raises on a network that cannot decode ``P + seq_len - 1`` positions, or bad
@@ -369,8 +321,7 @@ class AutoregressiveWrapper:
         cfg = net.config
         if not cfg.attn_layers.causal:
             raise ValueError(f"decoding needs a causal {name} (attn_layers=Decoder(...))")
-        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
-            raise ValueError(f"seq_len must be an int >= 1, got {seq_len!r}")
+        check_count("seq_len", seq_len)
         if cfg.has_abs_pos_emb and P + seq_len - 1 > cfg.max_seq_len:
             raise ValueError(
                 f"prompts of length {P} plus seq_len={seq_len} need {P + seq_len - 1} "
@@ -378,12 +329,7 @@ class AutoregressiveWrapper:
                 f"positional embedding of the {name}"
             )
         check_range("temperature", temperature, 0.0, math.inf)
-        if eos_token is not None and not (
-            isinstance(eos_token, int) and 0 <= eos_token < cfg.num_tokens
-        ):
-            raise ValueError(
-                f"eos_token must be a token id in [0, {cfg.num_tokens}), got {eos_token!r}"
-            )
+        check_eos_token(eos_token, cfg.num_tokens)
 
     def _amateur(self, amateur: Any, P: int, seq_len: int) -> tuple[TransformerWrapper, Any]:
         """Checks ``amateur=(net, variables)`` against the expert."""
@@ -394,8 +340,7 @@ class AutoregressiveWrapper:
         net, amateur_variables = amateur
         if isinstance(net, AutoregressiveWrapper):
             net = net.net
-        if not isinstance(net, TransformerWrapper):
-            raise TypeError(f"amateur_net must be a TransformerWrapper, got {type(net).__name__}")
+        check_instance("amateur_net", net, TransformerWrapper)
         self._check_decoding(net, P, seq_len, 0.0, None, name="amateur")
         vocab = self.net.config.logits_dim or self.net.config.num_tokens
         amateur_vocab = net.config.logits_dim or net.config.num_tokens
@@ -404,204 +349,3 @@ class AutoregressiveWrapper:
                 f"the amateur must score the expert's {vocab} tokens, got {amateur_vocab}"
             )
         return net, amateur_variables
-
-    def _key(self, key, temperature, filter_fn, filter_kwargs) -> Array:
-        """The PRNG key, after checking that sampling has one and a valid filter."""
-        if temperature == 0:
-            return jax.random.key(0) if key is None else key  # unused by greedy decoding
-        if key is None:
-            raise ValueError(f"temperature={temperature} samples: pass key=jax.random.key(..)")
-        # Raise on bad thresholds now, not inside the trace.
-        filter_fn(jnp.zeros((1, self.net.config.num_tokens)), **filter_kwargs)
-        return key
-
-    def _program(self, static: tuple, build: Callable) -> Callable:
-        """The jitted program for ``static`` options, built once per wrapper."""
-        program = self._compiled.get(static)
-        if program is None:
-            program = jax.jit(build(*static))
-            self._compiled[static] = program
-        return program
-
-    def _pad_prompt_list(self, prompts: Any, prompt_lens: Any) -> tuple[Array, Array]:
-        """A list of 1-D prompts -> ``[B, P]`` padded at the end, and their lengths."""
-        if prompt_lens is not None:
-            raise ValueError("prompt_lens is derived from a list of prompts: do not pass both")
-        if not prompts:
-            raise ValueError("prompts must not be an empty list")
-        rows = [np.asarray(p) for p in prompts]
-        for i, row in enumerate(rows):
-            if row.ndim != 1 or row.size == 0 or not np.issubdtype(row.dtype, np.integer):
-                raise ValueError(
-                    f"prompts[{i}] must be a non-empty 1-D int array, got {row.dtype} {row.shape}"
-                )
-        P = max(row.size for row in rows)
-        padded = np.full((len(rows), P), self.pad_value, np.int32)
-        for i, row in enumerate(rows):
-            padded[i, : row.size] = row
-        return jnp.asarray(padded), np.asarray([row.size for row in rows])
-
-    def _decode_fn(
-        self, seq_len, temperature, filter_fn, filter_items, eos_token, amateur_net, cd_items,
-        cache_kv,
-    ):  # fmt: skip
-        """The decode program ``(variables, amateur_variables, prompts, seq_start_pos, key,
-        net_kwargs) -> [B, seq_len]``."""
-        net, pad_value = self.net, self.pad_value
-        filter_kwargs, cd_kwargs = dict(filter_items), dict(cd_items)
-
-        def decode(variables, amateur_variables, prompts, seq_start_pos, key, net_kwargs):
-            B, P = prompts.shape
-            # Left padding: keys before a row's start are hidden, positions count from it.
-            net_kwargs = dict(net_kwargs, seq_start_pos=seq_start_pos)
-            total = P + seq_len - 1  # positions ever fed to the model
-            models = [_Stepper(net, variables, net_kwargs, cache_kv, total)]
-            if amateur_net is not None:
-                models.append(_Stepper(amateur_net, amateur_variables, net_kwargs, cache_kv, total))
-
-            def sample(logits, i):  # one [B, V] per model -> [B]
-                if amateur_net is not None:
-                    logits = [contrastive_decode(*logits, **cd_kwargs)]
-                return sample_tokens(
-                    logits[0],
-                    jax.random.fold_in(key, i),
-                    temperature=temperature,
-                    filter_fn=filter_fn,
-                    filter_kwargs=filter_kwargs,
-                )
-
-            def step(states, prev, i):
-                stepped = [m.step(s, prev, P + i - 1) for m, s in zip(models, states, strict=True)]
-                logits, states = zip(*stepped, strict=True)
-                return sample(logits, i), tuple(states)
-
-            logits, states = zip(*(m.prefill(prompts) for m in models), strict=True)
-            first = sample(logits, 0)
-            return decode_loop(
-                step, tuple(states), first, seq_len, eos_token=eos_token, pad_value=pad_value
-            )
-
-        return decode
-
-    def _beam_fn(
-        self, _, seq_len, beams, temperature, filter_fn, filter_items, eos_token, cache_kv
-    ):
-        """The beam-search program ``(variables, prompts, key, net_kwargs) ->
-        (tokens [B, K, seq_len], scores [B, K])``."""
-        net, pad_value, K = self.net, self.pad_value, beams
-        sampling = dict(
-            temperature=temperature,
-            filter_fn=filter_fn,
-            filter_kwargs=dict(filter_items),
-            pad_value=pad_value,
-        )
-
-        def search(variables, prompts, key, net_kwargs):
-            B, P = prompts.shape
-            total = P + seq_len - 1
-            expert = _Stepper(net, variables, net_kwargs, cache_kv, total)
-            logits, state = expert.prefill(prompts)  # [B, V]
-            log_probs, candidates = beam_candidates(
-                logits[:, None], jnp.zeros((B, 1), bool), jax.random.fold_in(key, 0), K,
-                **sampling,
-            )  # fmt: skip
-            scores, _, tokens = select_beams(jnp.zeros((B, 1)), log_probs, candidates, K)
-            # Every beam starts from its prompt's state: row b * K + k holds beam k of b.
-            axes = expert.batch_axes(prompts, state)
-            state = _take_rows(state, jnp.repeat(jnp.arange(B), K), axes)
-            expert = _Stepper(net, variables, _repeat_rows(net_kwargs, K), cache_kv, total)
-            out = jnp.full((B * K, seq_len), pad_value, jnp.int32).at[:, 0].set(tokens.ravel())
-            done = jnp.zeros((B * K,), bool) if eos_token is None else out[:, 0] == eos_token
-
-            def cond(carry):
-                i, *_, done = carry
-                return (i < seq_len) & ~jnp.all(done)
-
-            def body(carry):
-                i, out, state, scores, done = carry
-                logits, state = expert.step(state, out[:, i - 1], P + i - 1)  # [B * K, V]
-                log_probs, candidates = beam_candidates(
-                    logits.reshape(B, K, -1), done.reshape(B, K), jax.random.fold_in(key, i), K,
-                    **sampling,
-                )  # fmt: skip
-                scores, parents, tokens = select_beams(scores, log_probs, candidates, K)
-                rows = (jnp.arange(B)[:, None] * K + parents).ravel()  # [B * K]
-                out, done = out[rows], done[rows]
-                state = _take_rows(state, rows, axes)
-                out = jax.lax.dynamic_update_slice(out, tokens.reshape(-1, 1), (0, i))
-                if eos_token is not None:
-                    done = done | (out[:, i] == eos_token)
-                return i + 1, out, state, scores, done
-
-            carry = (jnp.int32(1), out, state, scores, done)
-            _, out, _, scores, _ = jax.lax.while_loop(cond, body, carry)
-            return out.reshape(B, K, seq_len), scores
-
-        return search
-
-
-class _Stepper:
-    """One network decoding token by token, with a KV cache or a token buffer as state."""
-
-    def __init__(self, net, variables, net_kwargs: dict, cache_kv: bool, total: int):
-        self.net, self.variables, self.net_kwargs = net, variables, net_kwargs
-        self.cache_kv, self.total = cache_kv, total  # total: positions ever fed
-
-    def prefill(self, prompts: Array) -> tuple[Array, Any]:
-        """``[B, P]`` prompts -> (logits of the next token ``[B, V]``, state)."""
-        B, P = prompts.shape
-        if self.cache_kv:
-            cache = self.net.init_cache(B, self.total)
-            logits, state = self.net.apply(self.variables, prompts, cache=cache, **self.net_kwargs)
-        else:
-            # A fixed-size token buffer; causality hides the slots not yet written.
-            pad = jnp.zeros((B, self.total - P), jnp.int32)
-            state = jnp.concatenate([prompts, pad], axis=1)
-            logits = self.net.apply(self.variables, prompts, **self.net_kwargs)
-        return logits[:, -1], state
-
-    def step(self, state: Any, token: Array, pos: Array) -> tuple[Array, Any]:
-        """Feeds ``[B]`` tokens at position ``pos`` -> (next-token logits ``[B, V]``, state)."""
-        if self.cache_kv:
-            logits, state = self.net.apply(
-                self.variables, token[:, None], cache=state, **self.net_kwargs
-            )
-            return logits[:, -1], state
-        state = jax.lax.dynamic_update_slice(state, token[:, None], (0, pos))
-        logits = self.net.apply(self.variables, state, **self.net_kwargs)  # [B, total, V]
-        return jax.lax.dynamic_index_in_dim(logits, pos, 1, keepdims=False), state
-
-    def batch_axes(self, prompts: Array, state: Any) -> list[int | None]:
-        """Per leaf of the ``state`` after ``prefill(prompts)``: the axis that grows with
-        the batch, found by comparing with the state of one more row (traced abstractly),
-        so any cache pytree works; None for leaves shared by all rows (the fill length)."""
-        B = prompts.shape[0]
-
-        def wider(a):
-            return jax.ShapeDtypeStruct((B + 1, *jnp.shape(a)[1:]), jnp.result_type(a))
-
-        def prefill(prompts, net_kwargs):
-            stepper = _Stepper(self.net, self.variables, net_kwargs, self.cache_kv, self.total)
-            return stepper.prefill(prompts)[1]
-
-        grown = jax.eval_shape(prefill, wider(prompts), jax.tree.map(wider, self.net_kwargs))
-        return [
-            next((i for i, (m, n) in enumerate(zip(a.shape, b.shape, strict=True)) if m != n), None)
-            for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(grown), strict=True)
-        ]
-
-
-def _take_rows(state: Any, rows: Array, axes: list[int | None]) -> Any:
-    """Gathers batch rows ``rows`` of every leaf along its batch axis (``axes``, one per
-    leaf as ``_Stepper.batch_axes`` gives them)."""
-    leaves, treedef = jax.tree.flatten(state)
-    leaves = [
-        leaf if a is None else jnp.take(leaf, rows, axis=a)
-        for leaf, a in zip(leaves, axes, strict=True)
-    ]
-    return jax.tree.unflatten(treedef, leaves)
-
-
-def _repeat_rows(tree: Any, times: int) -> Any:
-    """Repeats every array's leading (batch) axis: row b becomes rows b * times .. + times-1."""
-    return jax.tree.map(lambda a: jnp.repeat(jnp.asarray(a), times, axis=0), tree)

@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 
 from xtx.models.continuous import ContinuousTransformerWrapper
+from xtx.models.decoding import Stepper
+from xtx.models.wrapper_common import check_count, check_instance, compiled_program
 
 Array = jax.Array
 
@@ -74,8 +76,7 @@ class ContinuousAutoregressiveWrapper:
         use_l1_loss: bool = False,
         equal_loss_weight_batch: bool = False,
     ):
-        if not isinstance(net, ContinuousTransformerWrapper):
-            raise TypeError(f"net must be a ContinuousTransformerWrapper, got {type(net).__name__}")
+        check_instance("net", net, ContinuousTransformerWrapper)
         cfg = net.config
         if cfg.average_pool_embed:
             raise ValueError("net must predict a frame per position, got average_pool_embed")
@@ -220,8 +221,7 @@ class ContinuousAutoregressiveWrapper:
             raise ValueError(
                 f"start_tokens must be frames [B, P, {d_in}] with P >= 1, got {start_tokens.shape}"
             )
-        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
-            raise ValueError(f"seq_len must be an int >= 1, got {seq_len!r}")
+        check_count("seq_len", seq_len)
         P = start_tokens.shape[1]
         if cfg.has_abs_pos_emb and P + seq_len - 1 > cfg.max_seq_len:
             raise ValueError(
@@ -247,10 +247,7 @@ class ContinuousAutoregressiveWrapper:
         if key is None:
             key = jax.random.key(0)  # unused without sampling
         static = (seq_len, sample, bool(cache_kv))
-        program = self._compiled.get(static)
-        if program is None:
-            program = jax.jit(self._generate_fn(*static))
-            self._compiled[static] = program
+        program = compiled_program(self._compiled, static, self._generate_fn)
         out = program(variables, start_tokens.astype(jnp.float32), key, temperature, net_kwargs)
         return out[0] if unbatched else out
 
@@ -269,28 +266,15 @@ class ContinuousAutoregressiveWrapper:
 
         def program(variables, prompts, key, temperature, net_kwargs):
             B, P, D = prompts.shape
-            total = P + seq_len - 1  # frames ever fed to the network
-            if cache_kv:
-                out, state = net.apply(
-                    variables, prompts, cache=net.init_cache(B, total), **net_kwargs
-                )
-            else:
-                # A fixed-size frame buffer; causality hides the slots not yet written.
-                state = jnp.concatenate([prompts, jnp.zeros((B, seq_len - 1, D))], axis=1)
-                out = net.apply(variables, prompts, **net_kwargs)
-            first = next_frame(out[..., -1, :], key, temperature, 0)
+            # A KV cache, or a frame buffer of every frame ever fed to the network.
+            stepper = Stepper(net, variables, net_kwargs, cache_kv, P + seq_len - 1)
+            out, state = stepper.prefill(prompts)
+            first = next_frame(out, key, temperature, 0)
             frames = jnp.zeros((B, seq_len, D)).at[:, 0].set(first)
 
             def step(i, carry):
                 frames, state = carry
-                prev = frames[:, i - 1][:, None]  # [B, 1, D]
-                if cache_kv:
-                    out, state = net.apply(variables, prev, cache=state, **net_kwargs)
-                    out = out[..., -1, :]
-                else:
-                    state = jax.lax.dynamic_update_slice(state, prev, (0, P + i - 1, 0))
-                    out = net.apply(variables, state, **net_kwargs)
-                    out = jax.lax.dynamic_index_in_dim(out, P + i - 1, -2, keepdims=False)
+                out, state = stepper.step(state, frames[:, i - 1], P + i - 1)
                 frame = next_frame(out, key, temperature, i)
                 return frames.at[:, i].set(frame), state
 

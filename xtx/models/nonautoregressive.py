@@ -20,6 +20,7 @@ tokens that differ from the data.
 ``generate`` is MaskGIT's iterative unmasking, ``steps`` rounds in one compiled
 ``lax.fori_loop``: sample every hidden position (top-k filter, Gumbel noise with an
 annealed temperature), then hide again the ``schedule(t_i) * N`` least confident ones.
+The masking itself, for training and sampling, is ``xtx.models.nonautoregressive_masking``.
 The network may sample ``mask_id`` itself when it has a logit for it, as in
 x-transformers; give it ``logits_dim = num_tokens - 1`` and ``mask_id = num_tokens - 1``
 to rule that out.
@@ -33,7 +34,7 @@ Shapes: tokens ``[B, N]``, logits ``[B, N, V]``, embeddings ``[B, N, E]``.
 
 from __future__ import annotations
 
-import math
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -44,8 +45,17 @@ import numpy as np
 import optax
 
 from xtx.layers.embedding import TokenEmbedding
-from xtx.models.autoregressive import top_k
+from xtx.models.nonautoregressive_masking import (
+    MaskingNoise,
+    corrupt,
+    draw_noise,
+    gumbel_from_uniform,
+    prepare_unmasking,
+    resolve_schedule,
+    unmasking_program,
+)
 from xtx.models.transformer_wrapper import TransformerWrapper
+from xtx.models.wrapper_common import check_count, check_instance, check_prob, compiled_program
 
 Array = jax.Array
 
@@ -56,11 +66,6 @@ __all__ = [
     "gumbel_from_uniform",
 ]
 
-SCHEDULES: dict[str, Callable[[Array], Array]] = {
-    "linear": lambda t: 1.0 - t,
-    "cosine": lambda t: jnp.cos(t * jnp.pi / 2),  # 2202.04200
-}
-
 
 class NonAutoregressiveLosses(NamedTuple):
     """``loss`` (to minimise), ``generator_loss`` and ``critic_loss`` (None without a
@@ -69,49 +74,6 @@ class NonAutoregressiveLosses(NamedTuple):
     loss: Array
     generator_loss: Array | None
     critic_loss: Array | None
-
-
-class MaskingNoise(NamedTuple):
-    """Every random draw of one training step (``NonAutoregressiveWrapper.sample_noise``).
-
-    Attributes:
-      times: ``[B]`` in [0, 1): each row's time, ``schedule(t)`` its masked fraction.
-      mask_order: ``[B, N]`` uniform: its argsort is the row's random permutation.
-      no_replace: bool ``[]``: this batch keeps ``no_replace_prob`` of the masked tokens.
-      no_replace_order: ``[B, N]`` uniform ranking the tokens kept.
-      random_token: bool ``[]``: this batch swaps ``random_token_prob`` for random tokens.
-      random_token_order: ``[B, N]`` uniform ranking the tokens swapped.
-      random_tokens: ``[B, N]`` int in ``[0, num_tokens)``.
-      self_cond: bool ``[]``: condition on a first pass (else on ``null_embed``).
-      sample_temperature: ``[]`` in [0, 1): the critic's sampling temperature.
-      gumbel: ``[B, N, V]`` Gumbel noise for the critic's samples, or None.
-    """
-
-    times: Array
-    mask_order: Array
-    no_replace: Array
-    no_replace_order: Array
-    random_token: Array
-    random_token_order: Array
-    random_tokens: Array
-    self_cond: Array
-    sample_temperature: Array
-    gumbel: Array | None
-
-
-def gumbel_from_uniform(u: Array) -> Array:
-    """x-transformers' Gumbel noise ``-log(-log(u + 1e-10) + 1e-10)``."""
-    return -jnp.log(-jnp.log(u + 1e-10) + 1e-10)
-
-
-def _mask_subset(mask: Array, prob: Array, order: Array) -> Array:
-    """``prob`` of each row's True positions of ``mask`` ``[B, N]`` (rounded up), picked in
-    the order of ``order``: x-transformers' ``get_mask_subset_prob``."""
-    num_to_mask = jnp.sum(mask, axis=-1, keepdims=True) * prob  # [B, 1]
-    ranks = jnp.argsort(jnp.argsort(jnp.where(mask, order, -1.0), axis=-1), axis=-1)
-    # Positions outside the mask rank first (-1); count the ranks after them.
-    ranks = ranks - jnp.sum(~mask, axis=-1, keepdims=True)
-    return (ranks < num_to_mask) & mask
 
 
 def _add_to_token_embeddings(sum_embeds: Array):
@@ -129,11 +91,6 @@ def _add_to_token_embeddings(sum_embeds: Array):
         return out
 
     return nn.intercept_methods(interceptor)
-
-
-def _check_prob(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
-        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
 
 
 class NonAutoregressiveWrapper:
@@ -173,8 +130,7 @@ class NonAutoregressiveWrapper:
         critic_loss_weight: float = 1.0,
         use_simple_mdlm_loss_weight: bool = True,
     ):
-        if not isinstance(net, TransformerWrapper):
-            raise TypeError(f"net must be a TransformerWrapper, got {type(net).__name__}")
+        check_instance("net", net, TransformerWrapper)
         cfg = net.config
         if cfg.return_only_embed:
             raise ValueError("net must produce logits, got return_only_embed=True")
@@ -182,24 +138,14 @@ class NonAutoregressiveWrapper:
             raise TypeError(f"mask_id must be an int, got {mask_id!r}")
         if not 0 <= mask_id < cfg.num_tokens:
             raise ValueError(f"mask_id must be a token id in [0, {cfg.num_tokens}), got {mask_id}")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+        check_count("steps", steps)
         for name, value in (
             ("self_cond_train_prob", self_cond_train_prob),
             ("no_replace_prob", no_replace_prob),
             ("random_token_prob", random_token_prob),
         ):
-            _check_prob(name, value)
-        if isinstance(schedule, str):
-            if schedule not in SCHEDULES:
-                raise ValueError(
-                    f"schedule must be one of {sorted(SCHEDULES)} or a callable, got {schedule!r}"
-                )
-            schedule_fn = SCHEDULES[schedule]
-        elif callable(schedule):
-            schedule_fn = schedule
-        else:
-            raise TypeError(f"schedule must be a name or a callable, got {schedule!r}")
+            check_prob(name, value)
+        schedule_fn = resolve_schedule(schedule)
         if self_cond and cfg.embed_dim != cfg.dim:
             raise ValueError(
                 f"self_cond feeds the hiddens (dim={cfg.dim}) back as embeddings, so it needs "
@@ -210,10 +156,7 @@ class NonAutoregressiveWrapper:
         if token_critic is not None:
             if self_token_critic:
                 raise ValueError("pass either token_critic or self_token_critic=True, not both")
-            if not isinstance(token_critic, TransformerWrapper):
-                raise TypeError(
-                    f"token_critic must be a TransformerWrapper, got {type(token_critic).__name__}"
-                )
+            check_instance("token_critic", token_critic, TransformerWrapper)
             if (token_critic.config.logits_dim or token_critic.config.num_tokens) != 1:
                 raise ValueError(
                     "token_critic must output one logit per position (logits_dim=1), got "
@@ -269,26 +212,9 @@ class NonAutoregressiveWrapper:
     # -- training ------------------------------------------------------------------------
 
     def sample_noise(self, key: Array, batch_size: int, seq_len: int) -> MaskingNoise:
-        """Draws the randomness of one training step from ``key``."""
-        keys = jax.random.split(key, 9)
-        B, N = batch_size, seq_len
-        uniform = lambda k, shape=(B, N): jax.random.uniform(k, shape)  # noqa: E731
-        gumbel = None
-        if self.has_critic:
-            V = self.net.config.logits_dim or self.num_tokens
-            gumbel = gumbel_from_uniform(uniform(keys[8], (B, N, V)))
-        return MaskingNoise(
-            times=uniform(keys[0], (B,)),
-            mask_order=uniform(keys[1]),
-            no_replace=jax.random.bernoulli(keys[2]),
-            no_replace_order=uniform(keys[3]),
-            random_token=jax.random.bernoulli(keys[4]),
-            random_token_order=uniform(keys[5]),
-            random_tokens=jax.random.randint(keys[6], (B, N), 0, self.num_tokens),
-            self_cond=jax.random.bernoulli(keys[7], self.self_cond_train_prob),
-            sample_temperature=uniform(jax.random.fold_in(keys[7], 1), ()),
-            gumbel=gumbel,
-        )
+        """Draws the randomness of one training step on ``[batch_size, seq_len]`` tokens
+        from ``key``."""
+        return draw_noise(self, key, batch_size, seq_len)
 
     def apply(
         self,
@@ -364,30 +290,8 @@ class NonAutoregressiveWrapper:
             rngs = {"dropout": dropout_keys.pop()} if dropout_keys else None
             return module.apply({"params": p}, tokens, rngs=rngs, **kwargs)
 
-        rand_probs = self.schedule_fn(noise.times)  # [B]
-        num_tokens_mask = jnp.maximum(rand_probs * N, 1.0)
-        order = jnp.argsort(noise.mask_order, axis=-1).astype(jnp.float32)  # [B, N]
-        mask = order < num_tokens_mask[:, None]  # [B, N]: positions scored by the loss
-        replace = mask
-        random_prob = self.random_token_prob
-        if self.no_replace_prob > 0:
-            kept = _mask_subset(mask, self.no_replace_prob, noise.no_replace_order)
-            replace = replace & ~(kept & noise.no_replace)
-            # Python floats, as x-transformers computes them, then float32.
-            random_prob = jnp.where(
-                noise.no_replace,
-                np.float32(self.random_token_prob * (1.0 - self.no_replace_prob)),
-                np.float32(self.random_token_prob),
-            )
-        if self.random_token_prob > 0:
-            swapped = _mask_subset(replace, random_prob, noise.random_token_order)
-            swapped = swapped & noise.random_token
-            x_in = jnp.where(swapped, noise.random_tokens.astype(x.dtype), x)
-            replace = replace & ~swapped
-        else:
-            x_in = x
-        masked = jnp.where(replace, self.mask_id, x_in)
-
+        masked, mask = corrupt(self, x, noise)  # mask: the positions scored by the loss
+        embeds = None
         if self.self_cond:
             null = params["null_embed"]  # [E]
 
@@ -398,10 +302,7 @@ class NonAutoregressiveWrapper:
             embeds = jax.lax.cond(
                 noise.self_cond, first_pass, lambda: jnp.broadcast_to(null, (B, N, null.shape[0]))
             )
-            with _add_to_token_embeddings(embeds @ params["to_self_cond"]["kernel"]):
-                logits = run(self.net, params["net"], masked, **run_kwargs)
-        else:
-            logits = run(self.net, params["net"], masked, **run_kwargs)  # [B, N, V]
+        logits = self._generator(params, masked, embeds, run, **run_kwargs)  # [B, N, V]
         if only_train_critic:
             logits = jax.lax.stop_gradient(logits)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), x)
@@ -428,6 +329,16 @@ class NonAutoregressiveWrapper:
         return NonAutoregressiveLosses(
             loss + critic_loss * self.critic_loss_weight, loss, critic_loss
         )
+
+    def _generator(
+        self, params: dict, tokens: Array, self_cond_embeds: Array | None, run: Callable, **kwargs
+    ) -> Any:
+        """The generator's output on ``tokens`` ``[B, N]``; with ``self_cond``, conditioned
+        on ``self_cond_embeds`` ``[B, N, E]`` (its earlier hiddens, or ``null_embed``)."""
+        if not self.self_cond:
+            return run(self.net, params["net"], tokens, **kwargs)
+        with _add_to_token_embeddings(self_cond_embeds @ params["to_self_cond"]["kernel"]):
+            return run(self.net, params["net"], tokens, **kwargs)
 
     def _critic_scores(self, params: dict, tokens: Array, run: Callable) -> Array:
         """The critic's logit per position ``[B, N]`` (high: likely not from the data)."""
@@ -479,102 +390,12 @@ class NonAutoregressiveWrapper:
         Returns:
           ``[B, N]`` int32 tokens (``[N]`` when ``batch_size`` is None).
         """
-        B = 1 if batch_size is None else batch_size
-        if isinstance(B, bool) or not isinstance(B, int) or B < 1:
-            raise ValueError(f"batch_size must be an int >= 1 or None, got {batch_size!r}")
-        cfg = self.net.config
-        N = cfg.max_seq_len if seq_len is None else seq_len
-        if isinstance(N, bool) or not isinstance(N, int) or N < 1:
-            raise ValueError(f"seq_len must be an int >= 1, got {N!r}")
-        if cfg.has_abs_pos_emb and N > cfg.max_seq_len:
-            raise ValueError(
-                f"seq_len must be <= max_seq_len = {cfg.max_seq_len} of the absolute "
-                f"positional embedding, got {N}"
-            )
-        for name, value in (
-            ("start_temperature", start_temperature),
-            ("noise_level_scale", noise_level_scale),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-        V = cfg.logits_dim or cfg.num_tokens
-        k = None
-        if filter_thres is not None:
-            _check_prob("filter_thres", filter_thres)
-            k = math.ceil((1 - filter_thres) * V)
-        S = self.steps
-        # The step tables, computed as x-transformers does (float32 times, Python floats).
-        times = np.linspace(0.0, 1.0, S + 1, dtype=np.float32)[1:]
-        with jax.ensure_compile_time_eval():  # concrete even when traced from outside
-            counts = np.asarray(self.schedule_fn(jnp.asarray(times)) * N).astype(np.int32)
-        if counts.shape != (S,) or (counts < 0).any() or (counts > N).any():
-            raise ValueError(
-                f"schedule must map times in [0, 1] to fractions in [0, 1], got counts "
-                f"{counts.tolist()} of N = {N} positions"
-            )
-        anneal = [(S - 1 - i) / S for i in range(S)]
-        temperatures = np.asarray([max(start_temperature * a, 1e-3) for a in anneal], np.float32)
-        noise_scales = np.asarray([noise_level_scale * a for a in anneal], np.float32)
-        program = self._compiled.get((B, N, k))
-        if program is None:
-            program = jax.jit(self._generate_fn(B, N, k))
-            self._compiled[(B, N, k)] = program
-        out = program(variables, key, counts, temperatures, noise_scales, net_kwargs)
+        static, tables = prepare_unmasking(
+            self, batch_size, seq_len, start_temperature, filter_thres, noise_level_scale
+        )
+        build = functools.partial(unmasking_program, self)
+        out = compiled_program(self._compiled, static, build)(variables, key, *tables, net_kwargs)
         return out[0] if batch_size is None else out
-
-    def _generate_fn(self, B: int, N: int, k: int | None) -> Callable:
-        """The sampling program ``(variables, key, counts [S], temperatures [S],
-        noise_scales [S], net_kwargs) -> [B, N]``."""
-        net, mask_id = self.net, self.mask_id
-
-        def run(module, p, tokens, **kwargs):
-            return module.apply({"params": p}, tokens, **kwargs)
-
-        def program(variables, key, counts, temperatures, noise_scales, net_kwargs):
-            params = variables["params"]
-            step_keys = jax.random.split(key, self.steps)
-
-            def round_(i, carry):
-                seq, mask, last_embeds = carry
-                k_tokens, k_critic = jax.random.split(step_keys[i])
-                if self.self_cond:
-                    with _add_to_token_embeddings(last_embeds @ params["to_self_cond"]["kernel"]):
-                        logits, embeds = run(
-                            net, params["net"], seq, return_logits_and_embeddings=True, **net_kwargs
-                        )
-                    last_embeds = embeds.astype(last_embeds.dtype)
-                else:
-                    logits = run(net, params["net"], seq, **net_kwargs)  # [B, N, V]
-                logits = logits.astype(jnp.float32)
-                if k is not None:
-                    logits = top_k(logits, k=k)
-                gumbel = gumbel_from_uniform(jax.random.uniform(k_tokens, logits.shape))
-                sampled = jnp.argmax(logits / temperatures[i] + gumbel, axis=-1).astype(jnp.int32)
-                seq = jnp.where(mask, sampled, seq)
-                if self.has_critic:
-                    scores = self._critic_scores(params, seq, run)  # [B, N]
-                    noise = gumbel_from_uniform(jax.random.uniform(k_critic, (B, N)))
-                    scores = scores + noise * noise_scales[i]
-                else:
-                    probs = jax.nn.softmax(logits, axis=-1)
-                    scores = 1.0 - jnp.take_along_axis(probs, sampled[..., None], -1)[..., 0]
-                if not self.can_mask_prev_unmasked:
-                    scores = jnp.where(mask, scores, -jnp.finfo(scores.dtype).max)
-                # Hide again the counts[i] highest scores (x-transformers' topk).
-                ranks = jnp.argsort(jnp.argsort(-scores, axis=-1), axis=-1)
-                mask = ranks < counts[i]
-                return jnp.where(mask, mask_id, seq), mask, last_embeds
-
-            seq = jnp.full((B, N), mask_id, jnp.int32)
-            mask = jnp.ones((B, N), bool)
-            last_embeds = None
-            if self.self_cond:
-                null = params["null_embed"]
-                last_embeds = jnp.broadcast_to(null, (B, N, null.shape[0]))
-            seq, _, _ = jax.lax.fori_loop(0, self.steps, round_, (seq, mask, last_embeds))
-            return seq
-
-        return program
 
     def _check_tokens(self, x: Any) -> Array:
         x = jnp.asarray(x)

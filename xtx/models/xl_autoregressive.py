@@ -50,6 +50,16 @@ import jax.numpy as jnp
 import optax
 
 from xtx.models.transformer_wrapper import TransformerWrapper
+from xtx.models.wrapper_common import (
+    check_count,
+    check_eos_token,
+    check_instance,
+    compiled_program,
+    sampling_key,
+    sampling_options,
+    token_prompts,
+    training_tokens,
+)
 from xtx.ops.sampling import check_range, decode_loop, resolve_filter, sample_tokens
 
 Array = jax.Array
@@ -72,8 +82,7 @@ class XLAutoregressiveWrapper:
     """
 
     def __init__(self, net: TransformerWrapper, ignore_index: int = -100, pad_value: int = 0):
-        if not isinstance(net, TransformerWrapper):
-            raise TypeError(f"net must be a TransformerWrapper, got {type(net).__name__}")
+        check_instance("net", net, TransformerWrapper)
         cfg = net.config
         if not cfg.attn_layers.causal:
             raise ValueError("XLAutoregressiveWrapper needs a causal net (attn_layers=Decoder)")
@@ -127,12 +136,8 @@ class XLAutoregressiveWrapper:
           The scalar float32 loss; with ``return_mems`` the pair ``(loss, mems)``, the
           memories a tuple of ``[B, min(M + T - 1, max_mem_len), D]``.
         """
-        x = jnp.asarray(x)
-        if x.ndim != 2 or not jnp.issubdtype(x.dtype, jnp.integer):
-            raise ValueError(f"x must be int tokens [B, T], got {x.dtype} {x.shape}")
+        x = training_tokens(x)
         B, T = x.shape
-        if T < 2:
-            raise ValueError(f"x needs at least 2 tokens to predict one, got shape {x.shape}")
         if bptt_segments is None:
             bptt = jnp.int32(0)
         elif isinstance(bptt_segments, int) and not isinstance(bptt_segments, bool):
@@ -211,42 +216,17 @@ class XLAutoregressiveWrapper:
         Returns:
           ``[B, seq_len]`` int32 tokens (``[seq_len]`` for a 1-D prompt).
         """
-        prompts = jnp.asarray(prompts)
-        unbatched = prompts.ndim == 1
-        if unbatched:
-            prompts = prompts[None]
-        if prompts.ndim != 2 or not jnp.issubdtype(prompts.dtype, jnp.integer):
-            raise ValueError(
-                f"prompts must be int tokens [B, P], got {prompts.dtype} {prompts.shape}"
-            )
-        if prompts.shape[1] < 1:
-            raise ValueError(f"prompts must hold at least one token, got shape {prompts.shape}")
-        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
-            raise ValueError(f"seq_len must be an int >= 1, got {seq_len!r}")
+        prompts, unbatched = token_prompts(prompts)
+        check_count("seq_len", seq_len)
         check_range("temperature", temperature, 0.0, math.inf)
         V = self.net.config.num_tokens
-        if eos_token is not None and not (isinstance(eos_token, int) and 0 <= eos_token < V):
-            raise ValueError(f"eos_token must be a token id in [0, {V}), got {eos_token!r}")
+        check_eos_token(eos_token, V)
         filter_fn = resolve_filter(filter_logits_fn)
         filter_kwargs = dict(filter_kwargs or {})
-        if temperature == 0:
-            key = jax.random.key(0) if key is None else key  # unused by greedy decoding
-        elif key is None:
-            raise ValueError(f"temperature={temperature} samples: pass key=jax.random.key(..)")
-        else:
-            filter_fn(jnp.zeros((1, V)), **filter_kwargs)  # raise on bad thresholds now
+        key = sampling_key(key, temperature, filter_fn, filter_kwargs, V)
         memory, _ = self._memory(variables, mems, prompts.shape[0])
-        static = (
-            seq_len,
-            float(temperature),
-            filter_fn,
-            tuple(sorted(filter_kwargs.items())),
-            eos_token,
-        )
-        program = self._compiled.get(static)
-        if program is None:
-            program = jax.jit(self._generate_fn(*static))
-            self._compiled[static] = program
+        static = sampling_options(seq_len, temperature, filter_fn, filter_kwargs, eos_token)
+        program = compiled_program(self._compiled, static, self._generate_fn)
         out = program(variables, prompts.astype(jnp.int32), memory, key)
         return out[0] if unbatched else out
 
