@@ -66,7 +66,13 @@ def prepare(config: RunConfig) -> Run:
       ConfigError: any problem with the config, the data or the mesh.
     """
     validate(config)
-    corpus = load_corpus(config.data)
+    try:
+        corpus = load_corpus(config.data)
+    except (FileNotFoundError, ValueError) as e:
+        hint = ""
+        if "enwik8" in str(config.data.source) and isinstance(e, FileNotFoundError):
+            hint = " (download http://mattmahoney.net/dc/enwik8.zip and unzip it there)"
+        raise ConfigError(f"data: {e}{hint}") from e
     task = build_task(config.model, corpus.vocab_size)
     mesh = shd.make_mesh(config.mesh)
     shd.check_batch(config.batch_size, mesh)

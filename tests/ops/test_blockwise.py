@@ -128,17 +128,22 @@ def test_dropout_is_exact_with_the_block_masks():
     rng = jax.random.key(11)
     mask = AttentionMask(causal=True)
     n_kb, G = Sd // blk, Nd // Kd
-    rows = []
-    for qi in range(Td // blk):
-        row = [
-            jax.random.bernoulli(
-                jax.random.fold_in(rng, qi * n_kb + kj), 1.0 - rate, (Bd, Kd, G, blk, blk)
-            )
-            for kj in range(n_kb)
-        ]
-        rows.append(jnp.concatenate(row, axis=-1))
-    keep = jnp.concatenate(rows, axis=-2)  # [B, K, G, T, S]
-    keep = keep.transpose(0, 2, 1, 3, 4).reshape(Bd, Nd, Td, Sd)  # head n = g * K + k
+
+    @jax.jit  # one program instead of many eagerly dispatched ops
+    def block_keep_masks(rng):
+        rows = []
+        for qi in range(Td // blk):
+            row = [
+                jax.random.bernoulli(
+                    jax.random.fold_in(rng, qi * n_kb + kj), 1.0 - rate, (Bd, Kd, G, blk, blk)
+                )
+                for kj in range(n_kb)
+            ]
+            rows.append(jnp.concatenate(row, axis=-1))
+        keep = jnp.concatenate(rows, axis=-2)  # [B, K, G, T, S]
+        return keep.transpose(0, 2, 1, 3, 4).reshape(Bd, Nd, Td, Sd)  # head n = g * K + k
+
+    keep = block_keep_masks(rng)
 
     def dense(q, k, v):
         logits, allowed = attention_logits(q, k, mask=mask)
@@ -151,10 +156,10 @@ def test_dropout_is_exact_with_the_block_masks():
         )
 
     np.testing.assert_allclose(
-        np.asarray(jax.jit(kernel)(q, k, v)), np.asarray(dense(q, k, v)), atol=1e-5
+        np.asarray(jax.jit(kernel)(q, k, v)), np.asarray(jax.jit(dense)(q, k, v)), atol=1e-5
     )
     ct = jax.random.normal(ks[3], q.shape)
-    g_dense = jax.grad(lambda *a: (dense(*a) * ct).sum(), argnums=(0, 1, 2))(q, k, v)
+    g_dense = jax.jit(jax.grad(lambda *a: (dense(*a) * ct).sum(), argnums=(0, 1, 2)))(q, k, v)
     g_kernel = jax.jit(jax.grad(lambda *a: (kernel(*a) * ct).sum(), argnums=(0, 1, 2)))(q, k, v)
     for gd, gk in zip(g_dense, g_kernel, strict=True):
         np.testing.assert_allclose(np.asarray(gk), np.asarray(gd), atol=1e-5)
