@@ -84,7 +84,7 @@ def test_cross_keys_values_are_cached_at_the_prefill(decoded):
     d = decoded
     stack = d["module"].config.attn_layers
     K, H = stack.attn.num_kv_heads(stack.heads), stack.attn.dim_head
-    shape = (stack.depth, B, S, K, H) if stack.scan_layers else (B, S, K, H)
+    shape = (stack.depth, B, K, S, H) if stack.scan_layers else (B, K, S, H)  # heads-major
     assert d["fresh"].cross and all(c is None for c in d["fresh"].cross)
     for entry in d["prefilled"].cross:
         assert entry.keys.shape == entry.values.shape == shape

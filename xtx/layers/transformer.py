@@ -21,7 +21,7 @@ runs one block ``depth`` times, ``layers_execute_order`` any sequence of indices
 
 Shapes: x ``[B, T, D]``, context ``[B, S, Dc]``, masks ``[B, T]`` / ``[B, S]``.
 
-KV cache: ``init_kv_cache`` builds a ``KVCache`` (one ``LayerKVCache`` ``[B, L, K, H]`` per
+KV cache: ``init_kv_cache`` builds a ``KVCache`` (one ``LayerKVCache`` ``[B, K, L, H]`` per
 self-attention run, the cross-attention keys/values of the context, a ``[B, L]`` key mask
 and the fill count); ``stack(x, cache=cache)`` writes the T new tokens at the fill, places
 every position (rotary, xPos, T5 / ALiBi / dynamic bias) at ``fill + t`` and returns
@@ -216,11 +216,11 @@ class KVCache(NamedTuple):
     projects the context once; every later call finds the context's keys/values here.
 
     Attributes:
-      layers: one ``LayerKVCache`` ``[B, L, K, H]`` per run of a self-attention layer
+      layers: one ``LayerKVCache`` ``[B, K, L, H]`` (heads-major) per run of a self-attention layer
         (in execution order; a tied layer run twice has two). With ``scan_layers`` one
-        ``[depth, B, L, K, H]`` per self-attention sublayer of the scanned block.
+        ``[depth, B, K, L, H]`` per self-attention sublayer of the scanned block.
       cross: the same for cross-attention, holding the context's keys/values
-        ``[B, S, K, H]`` (``[depth, B, S, K, H]`` scanned); None before the prefill.
+        ``[B, K, S, H]`` (``[depth, B, K, S, H]`` scanned); None before the prefill.
       key_mask: ``[B, L]`` bool, True at the slots filled with a (non-padding) token.
       length: int32 ``[]``, the number of slots filled: the next token's position; None
         before the prefill.
@@ -252,7 +252,7 @@ def init_kv_cache(
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     check_cache_support(config)
     K, H = config.attn.num_kv_heads(config.heads), config.attn.dim_head
-    shape = (batch_size, max_len, K, H)
+    shape = (batch_size, K, max_len, H)  # heads-major, see LayerKVCache
     if config.scan_layers:
         shape = (config.depth, *shape)
     layers = tuple(

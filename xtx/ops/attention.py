@@ -360,7 +360,10 @@ def _auto_backend(
     if platform != "cpu":
         _log_fallback_once(f"no fused attention kernel is wired for platform {platform!r} yet")
         return "reference"
-    if max(q.shape[1], k.shape[1]) < BLOCKWISE_MIN_LENGTH:
+    # Blocks pay off when the score matrix is large: a handful of queries (incremental
+    # decoding) over a few thousand cached keys is faster in one dense pass than in a
+    # loop over key blocks.
+    if q.shape[1] * k.shape[1] < BLOCKWISE_MIN_LENGTH**2:
         return "reference"
     if not blockwise_supported(mask):
         _log_fallback_once("the blockwise kernel takes no dense explicit mask")
