@@ -35,7 +35,8 @@ def _scanned_params(module, params):
 
 @pytest.fixture(scope="module")
 def tokens():
-    return jax.random.randint(jax.random.key(1), (2, T), 0, VOCAB)
+    # numpy draws here and below: jax.random would compile a sampler for every shape.
+    return jnp.asarray(np.random.default_rng(1).integers(0, VOCAB, (2, T)), jnp.int32)
 
 
 @pytest.fixture(scope="module")
@@ -46,51 +47,68 @@ def unrolled(tokens):
 
 
 def _loss_and_grads(module, params, tokens, mems):
-    def loss(p):
+    """Loss, (logits, new memories) and parameter gradients, as one jitted program: run
+    eagerly, op by op, the same computation takes longer."""
+
+    def loss(p, tokens, mems):
         logits, new_mems = module.apply({"params": p}, tokens, mems=mems, return_mems=True)
         return jnp.mean(logits**2) + sum(jnp.mean(m) for m in new_mems), (logits, new_mems)
 
-    return jax.value_and_grad(loss, has_aux=True)(params)
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(params, tokens, mems)
+
+
+@pytest.fixture(scope="module")
+def mems():
+    rng = np.random.default_rng(2)
+    return tuple(jnp.asarray(rng.standard_normal((2, 4, 32)), jnp.float32) for _ in range(3))
+
+
+@pytest.fixture(scope="module")
+def unrolled_result(unrolled, tokens, mems):
+    """The oracle's loss, (logits, new memories) and gradients, computed once."""
+    module, params = unrolled
+    return _loss_and_grads(module, params, tokens, mems)
+
+
+def _assert_same_result(got, want, atol, rtol):
+    """Logits, new memories and gradients within ``atol`` (gradients also ``rtol``)."""
+    (loss, (logits, new_mems)), grads = want
+    (got_loss, (got_logits, got_new_mems)), got_grads = got
+    np.testing.assert_allclose(got_logits, logits, atol=atol)
+    for a, b in zip(got_new_mems, new_mems, strict=True):
+        np.testing.assert_allclose(a, b, atol=atol)
+    np.testing.assert_allclose(got_loss, loss, rtol=1e-6)
+    for (path, g), s in zip(
+        jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(got_grads), strict=True
+    ):
+        np.testing.assert_allclose(s, g, atol=atol, rtol=rtol, err_msg=jax.tree_util.keystr(path))
 
 
 @pytest.mark.parametrize("policy", ["dots_no_batch"])
-def test_scanned_stack_equals_unrolled(unrolled, tokens, policy):
-    module, params = unrolled
-    mems = tuple(jax.random.normal(jax.random.key(i), (2, 4, 32)) for i in range(3))
-    (loss, (logits, new_mems)), grads = _loss_and_grads(module, params, tokens, mems)
-
+def test_scanned_stack_equals_unrolled(unrolled, unrolled_result, tokens, mems, policy):
+    _, params = unrolled
     scanned = _wrapper(rotary_pos_emb=True, macaron=True, scan_layers=True, remat_policy=policy)
     init_shapes = jax.eval_shape(scanned.init, jax.random.key(0), tokens)["params"]
     sparams = _scanned_params(scanned, params)
     assert jax.tree.map(jnp.shape, nn.meta.unbox(init_shapes)) == jax.tree.map(jnp.shape, sparams)
-    (sloss, (slogits, snew_mems)), sgrads = _loss_and_grads(scanned, sparams, tokens, mems)
-
-    np.testing.assert_allclose(slogits, logits, atol=1e-5)
-    for a, b in zip(snew_mems, new_mems, strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-5)
-    np.testing.assert_allclose(sloss, loss, rtol=1e-6)
+    loss_and_aux, sgrads = _loss_and_grads(scanned, sparams, tokens, mems)
     sgrads = dict(sgrads)
     sgrads["attn_layers"] = unstack_layer_params(sgrads["attn_layers"], scanned.config.attn_layers)
-    for (path, g), s in zip(
-        jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(sgrads), strict=True
-    ):
-        np.testing.assert_allclose(s, g, atol=1e-5, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
+    _assert_same_result((loss_and_aux, sgrads), unrolled_result, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("policy", ["full"])
-def test_remat_on_unrolled_stack_keeps_gradients(unrolled, tokens, policy):
-    module, params = unrolled
-    (_, (logits, _)), grads = _loss_and_grads(module, params, tokens, None)
+def test_remat_on_unrolled_stack_keeps_gradients(unrolled, unrolled_result, tokens, mems, policy):
+    _, params = unrolled
     remat = _wrapper(rotary_pos_emb=True, macaron=True, remat_policy=policy)
-    (_, (rlogits, _)), rgrads = _loss_and_grads(remat, params, tokens, None)
-    np.testing.assert_allclose(rlogits, logits, atol=1e-6)
-    for a, b in zip(jax.tree.leaves(rgrads), jax.tree.leaves(grads), strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-6)
+    got = _loss_and_grads(remat, params, tokens, mems)
+    _assert_same_result(got, unrolled_result, atol=1e-6, rtol=1e-7)
 
 
 def test_scanned_rematerialised_cross_attender_with_masks_and_dropout():
-    x = jax.random.normal(jax.random.key(0), (2, 5, 16))
-    context = jax.random.normal(jax.random.key(1), (2, 7, 16))
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((2, 5, 16)), jnp.float32)
+    context = jnp.asarray(rng.standard_normal((2, 7, 16)), jnp.float32)
     mask = jnp.array([[True] * 5, [True] * 3 + [False] * 2])
     context_mask = jnp.array([[True] * 7, [True] * 4 + [False] * 3])
     kwargs = dict(dim=16, depth=2, heads=2, attn_dropout=0.1, layer_dropout=0.2)

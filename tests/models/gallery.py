@@ -6,6 +6,13 @@ import numpy as np
 import optax
 
 
+def random_segments(seed, n, seg_len, vocab, batch=2):
+    """Token segments ``[n, batch, seg_len]`` from numpy: ``jax.random.randint`` would
+    compile a sampler for every shape, about a second each on CPU."""
+    tokens = np.random.default_rng(seed).integers(0, vocab, (n, batch, seg_len))
+    return jnp.asarray(tokens, jnp.int32)
+
+
 def counting_step(model, variables):
     """A jitted ``(tokens, state, reset) -> (logits, state)`` that counts its traces."""
     traces = []
@@ -30,23 +37,30 @@ def roll(step, model, segments, resets=None):
     return outs, state
 
 
-def recall_batch(key, batch, seg_len, vocab):
-    """Segment 1 hides a key token among fillers (0); segment 2 must repeat it everywhere."""
-    k1, k2 = jax.random.split(key)
-    keys = jax.random.randint(k1, (batch,), 2, vocab)
-    where = jax.random.randint(k2, (batch,), 0, seg_len)
-    seg1 = jnp.where(jnp.arange(seg_len) == where[:, None], keys[:, None], 0)
-    seg2 = jnp.ones((batch, seg_len), jnp.int32)  # a constant "recall" prompt
-    return seg1, seg2, keys
+def recall_batches(seed, steps, batch, seg_len, vocab):
+    """``steps`` batches of the recall task: segment 1 hides a key token among fillers (0);
+    segment 2, a constant "recall" prompt of ones, must repeat it everywhere.
+
+    Drawn with numpy, outside the training step: sampling with jax.random inside the step
+    made its compilation seconds longer.
+
+    Returns:
+      ``(seg1 [steps, batch, seg_len], keys [steps, batch])`` int32 numpy arrays.
+    """
+    rng = np.random.default_rng(seed)
+    keys = rng.integers(2, vocab, (steps, batch), dtype=np.int32)
+    where = rng.integers(0, seg_len, (steps, batch))
+    seg1 = np.where(np.arange(seg_len) == where[..., None], keys[..., None], 0)
+    return seg1.astype(np.int32), keys
 
 
 def train_recall(model, *, seg_len, vocab, steps=150, lr=1e-2, batch=16, seed=0):
-    """Trains on ``recall_batch`` through two segments, with the state and reset between.
+    """Trains on ``recall_batches`` through two segments, with the state and reset between.
 
     Gradients flow through the state from segment 2 into segment 1 (where the model
     allows it). Every step's gradients must be finite. One compiled step serves both
     runs (the reset is an argument). The reset baseline cannot know the key whatever it
-    trains on, so it runs a third of the steps.
+    trains on, so it runs a third of the steps, on the first batches of the same stream.
 
     Returns:
       ``(first, with_state, without_state)``: the mean loss of the first 10 steps and
@@ -55,18 +69,19 @@ def train_recall(model, *, seg_len, vocab, steps=150, lr=1e-2, batch=16, seed=0)
     tokens = jnp.zeros((batch, seg_len), jnp.int32)
     init = model.init(jax.random.key(seed), tokens, state=model.init_state(batch))["params"]
     opt = optax.adam(lr)
+    segments, answers = recall_batches(seed, steps, batch, seg_len, vocab)
 
-    def loss_fn(p, key, reset_between):
-        seg1, seg2, keys = recall_batch(key, batch, seg_len, vocab)
+    def loss_fn(p, seg1, keys, reset_between):
         _, state = model.apply({"params": p}, seg1, state=model.init_state(batch))
+        seg2 = jnp.ones((batch, seg_len), jnp.int32)
         reset = jnp.broadcast_to(reset_between, (batch,))
         logits, _ = model.apply({"params": p}, seg2, state=state, reset=reset)
         targets = jnp.broadcast_to(keys[:, None], seg2.shape)
         return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
     @jax.jit
-    def step(p, s, key, reset_between):
-        loss, g = jax.value_and_grad(loss_fn)(p, key, reset_between)
+    def step(p, s, seg1, keys, reset_between):
+        loss, g = jax.value_and_grad(loss_fn)(p, seg1, keys, reset_between)
         finite = jax.tree.reduce(lambda a, b: a & jnp.isfinite(b).all(), g, True)
         updates, s = opt.update(g, s, p)
         return optax.apply_updates(p, updates), s, loss, finite
@@ -75,8 +90,9 @@ def train_recall(model, *, seg_len, vocab, steps=150, lr=1e-2, batch=16, seed=0)
         params, opt_state = init, opt.init(init)
         losses = []
         for i in range(n):
-            key = jax.random.key(1000 * seed + i)
-            params, opt_state, loss, finite = step(params, opt_state, key, reset_between)
+            params, opt_state, loss, finite = step(
+                params, opt_state, segments[i], answers[i], reset_between
+            )
             assert bool(finite), f"non-finite gradient at step {i}"
             losses.append(float(loss))
         return np.mean(losses[:10]), np.mean(losses[-10:])

@@ -23,6 +23,13 @@ from xtx.models.autoregressive import forgetful_causal_mask, top_k
 B, V, D, DEPTH, HEADS, MAX_LEN = 2, 20, 32, 2, 4, 16
 PROMPT, NEW = 4, 8
 
+
+def _tokens(seed, shape):
+    """Random token ids from numpy: ``jax.random.randint`` would compile a sampler for
+    every shape, about a second each on CPU."""
+    return jnp.asarray(np.random.default_rng(seed).integers(0, V, shape), jnp.int32)
+
+
 CONFIGS = {
     "absolute": {},
     "rotary": {"rotary_pos_emb": True},
@@ -48,7 +55,7 @@ def converted(request):
 
 def test_prefill_then_steps_equal_one_forward(converted):
     _, module, variables, _ = converted
-    tokens = jax.random.randint(jax.random.key(1), (B, 9), 0, V)
+    tokens = _tokens(1, (B, 9))
     full = jax.jit(module.apply)(variables, tokens)  # [B, 9, V]
     step = jax.jit(lambda v, t, c: module.apply(v, t, cache=c))
     logits, cache = step(variables, tokens[:, :5], module.init_cache(B, 12))
@@ -102,7 +109,7 @@ def test_forgetful_causal_mask(rotary_model):
     mask = np.asarray(forgetful_causal_mask(jax.random.key(3), 4, 10, 0.35))
     assert mask[:, 0].all()  # the first key is never hidden
     np.testing.assert_array_equal((~mask).sum(1), [3, 3, 3, 3])  # int(10 * 0.35)
-    x = jax.random.randint(jax.random.key(4), (B, 10), 0, V)
+    x = _tokens(4, (B, 10))
     plain = AutoregressiveWrapper(module).apply(variables, x)
     masked = AutoregressiveWrapper(module, mask_prob=0.35)
     loss = masked.apply(variables, x, rngs={"mask": jax.random.key(5)})
@@ -114,7 +121,7 @@ def test_forgetful_causal_mask(rotary_model):
 def test_sampling_cached_equals_uncached_and_reuses_program(rotary_model):
     _, module, variables = rotary_model
     wrapper = AutoregressiveWrapper(module)
-    prompts = jax.random.randint(jax.random.key(6), (B, PROMPT), 0, V)
+    prompts = _tokens(6, (B, PROMPT))
     kwargs = dict(key=jax.random.key(7), filter_kwargs={"k": 5})
     cached = wrapper.generate(variables, prompts, NEW, **kwargs)
     uncached = wrapper.generate(variables, prompts, NEW, cache_kv=False, **kwargs)
@@ -134,7 +141,7 @@ def test_sampling_cached_equals_uncached_and_reuses_program(rotary_model):
 def test_eos_stops_rows_and_pads(rotary_model):
     _, module, variables = rotary_model
     wrapper = AutoregressiveWrapper(module, pad_value=V - 1)
-    prompts = jax.random.randint(jax.random.key(8), (B, PROMPT), 0, V)
+    prompts = _tokens(8, (B, PROMPT))
     greedy = np.asarray(wrapper.generate(variables, prompts, NEW, temperature=0.0))
     eos = int(greedy[0, 2])
     out = np.asarray(wrapper.generate(variables, prompts, NEW, temperature=0.0, eos_token=eos))

@@ -9,6 +9,7 @@ import pytest
 from tests.models.gallery import (
     check_state_carries_and_reset_clears,
     counting_step,
+    random_segments,
     roll,
     train_recall,
 )
@@ -38,24 +39,26 @@ def setup():
 
 
 def _segments(seed, n=3):
-    return jax.random.randint(jax.random.key(seed), (n, 2, SEG), 0, V)
+    return random_segments(seed, n, SEG, V)
 
 
 def test_retrieval_with_k_equal_to_capacity_is_dense_attention_over_memory():
     cfg = MemorizingConfig(**{**KW, "knn_memory_size": 6, "knn_top_k": 6})
     layer = KNNAttention(cfg)
-    ks = jax.random.split(jax.random.key(0), 5)
     B, N, C, H = 1, 4, 6, 8
-    x = jax.random.normal(ks[0], (B, 3, 32))
-    keys = jax.random.normal(ks[1], (B, N, C, H))
+    rng = np.random.default_rng(0)  # numpy: jax.random compiles a sampler per shape
+    x, keys, values = (
+        jnp.asarray(rng.standard_normal(shape), jnp.float32)
+        for shape in ((B, 3, 32), (B, N, C, H), (B, N, C, H))
+    )
     knn = KNNMemory(
         keys=keys / jnp.linalg.norm(keys, axis=-1, keepdims=True),
-        values=jax.random.normal(ks[2], (B, N, C, H)),
+        values=values,
         valid=jnp.array([[True, True, False, True, True, False]]),
         pointer=jnp.array([4], jnp.int32),
     )
     mem, mem_valid = jnp.zeros((B, 0, 32)), jnp.zeros((B, 0), bool)
-    params = nn.meta.unbox(layer.init(ks[3], x, mem, mem_valid, knn))["params"]
+    params = nn.meta.unbox(layer.init(jax.random.key(3), x, mem, mem_valid, knn))["params"]
     params["gate"] = jnp.full((N,), 50.0)  # sigmoid -> 1: the memory branch alone
     out, new = layer.apply({"params": params}, x, mem, mem_valid, knn)
     # Oracle: softmax over the valid memory slots, in numpy.

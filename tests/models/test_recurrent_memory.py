@@ -9,6 +9,7 @@ import pytest
 from tests.models.gallery import (
     check_state_carries_and_reset_clears,
     counting_step,
+    random_segments,
     roll,
     train_recall,
 )
@@ -27,7 +28,7 @@ def setup():
 
 
 def _segments(seed, n=3):
-    return jax.random.randint(jax.random.key(seed), (n, 2, SEG), 0, V)
+    return random_segments(seed, n, SEG, V)
 
 
 def test_three_segments_compile_once(setup):
@@ -70,7 +71,7 @@ def test_gradient_horizon(horizon, reaches):
         logits, _ = model.apply({"params": p2}, segs[1], state=state)
         return jnp.sum(logits**2)
 
-    g = jax.grad(second_segment_loss)(variables["params"]["token_emb"])
+    g = jax.jit(jax.grad(second_segment_loss))(variables["params"]["token_emb"])
     assert bool(jnp.any(g != 0)) == reaches
 
 

@@ -95,7 +95,7 @@ def test_bptt_segments_stop_gradients(xl):
     were detached: those leaving segment i when (i + 1) % N == 0."""
     *_, loss_mems_grad = xl
     mems0 = tuple(jnp.asarray(m.numpy()) for m in _initial_mems())
-    x = np.asarray(jax.random.randint(jax.random.key(5), (B, X_LEN), 0, V))
+    x = np.random.default_rng(5).integers(0, V, (B, X_LEN)).astype(np.int32)
 
     def reaches(x, bptt):  # bptt 0: None, every memory kept
         return float(loss_mems_grad(jnp.asarray(x), mems0, jnp.int32(bptt))[2]) > 1e-6

@@ -28,7 +28,7 @@ def xl_model():
         max_mem_len=T,
         attn_layers=Decoder(dim=D, depth=2, heads=HEADS, rotary_pos_emb=True),
     )
-    tokens = jax.random.randint(jax.random.key(1), (B, 4 * T), 0, V)
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, V, (B, 4 * T)), jnp.int32)
     # Jitted, with an RBG key: on CPU this compiles faster than eager dispatch or threefry.
     variables = jax.jit(model.init)(jax.random.key(0, impl="rbg"), tokens[:, :T])
     traces = []

@@ -13,11 +13,12 @@ B, T, S, N, H = 2, 5, 7, 4, 8
 
 @pytest.fixture(scope="module")
 def inputs():
-    ks = jax.random.split(jax.random.key(3), 5)
-    q = jax.random.normal(ks[0], (B, T, N, H))
-    k = jax.random.normal(ks[1], (B, S, 2, H))  # 2 kv heads: tiled, not grouped
-    v = jax.random.normal(ks[2], (B, S, 2, H))
-    bias = jax.random.normal(ks[3], (N, T, S))
+    # numpy draws: with jax.random every new shape would compile its own sampler.
+    rng = np.random.default_rng(3)
+    q = jnp.asarray(rng.standard_normal((B, T, N, H)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((B, S, 2, H)), jnp.float32)  # 2 kv heads: tiled
+    v = jnp.asarray(rng.standard_normal((B, S, 2, H)), jnp.float32)
+    bias = jnp.asarray(rng.standard_normal((N, T, S)), jnp.float32)
     padding = jnp.ones((B, S), bool).at[1].set(False)  # row 1 sees no key
     return q, k, v, bias, padding
 

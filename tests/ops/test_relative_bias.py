@@ -28,6 +28,12 @@ def _np(x):
     return np.asarray(x)
 
 
+def _normal(seed, shape):
+    """Standard normal test data from numpy: every new shape drawn with jax.random compiles
+    its own sampler, about half a second on CPU."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
 def _pad_prefix(bias, prefix):
     """Dense ``[..., T, S]`` bias with ``prefix`` zero columns in front (memory k/v)."""
     widths = [(0, 0)] * (bias.ndim - 1) + [(prefix, 0)]
@@ -61,7 +67,7 @@ def _naive_dense(table, center, prefix, q_offset, T, S):
 @pytest.mark.parametrize("length", [6, 21], ids=["shorter", "longer-than-max-distance"])
 def test_t5_dense_equals_t5_position_bias(causal, length):
     """Every distance, also past max_distance, where the buckets saturate."""
-    emb = jax.random.normal(jax.random.key(0), (8, N))
+    emb = _normal(0, (8, N))
     kw = dict(causal=causal, num_buckets=8, max_distance=10, scale=1.7)
     rel = RelativeBias.t5(emb, **kw)
     q_len = length // 2
@@ -70,7 +76,7 @@ def test_t5_dense_equals_t5_position_bias(causal, length):
 
 
 def test_t5_dense_with_prefix_and_offsets():
-    emb = jax.random.normal(jax.random.key(1), (8, N))
+    emb = _normal(1, (8, N))
     kw = dict(causal=False, num_buckets=8, max_distance=5)
     prefix, positioned = 3, S - 3
     # An int offset (queries ahead of the keys here), then one offset per batch row.
@@ -102,7 +108,7 @@ def test_alibi_dense_equals_alibi_bias():
     ids=["shared", "per-batch", "per-query"],
 )
 def test_dense_follows_the_formula(shape, q_offset):
-    table = jax.random.normal(jax.random.key(2), shape)
+    table = _normal(2, shape)
     rel = RelativeBias(table, center=4, prefix=2, q_offset=q_offset)
     dense = np.broadcast_to(_np(rel.dense(T, S)), (B, N, T, S))
     np.testing.assert_array_equal(dense, _naive_dense(table, 4, 2, q_offset, T, S))
@@ -130,11 +136,10 @@ def test_dynamic_position_bias_is_the_mlp_of_q_minus_k():
 
 @pytest.fixture(scope="module")
 def inputs():
-    ks = jax.random.split(jax.random.key(4), 4)
-    q = jax.random.normal(ks[0], (B, T, N, H))
-    k = jax.random.normal(ks[1], (B, S, K, H))
-    v = jax.random.normal(ks[2], (B, S, K, H))
-    cotangent = jax.random.normal(ks[3], (B, T, N, H))
+    q = _normal(40, (B, T, N, H))
+    k = _normal(41, (B, S, K, H))
+    v = _normal(42, (B, S, K, H))
+    cotangent = _normal(43, (B, T, N, H))
     return q, k, v, cotangent
 
 
@@ -177,7 +182,7 @@ def test_blockwise_equals_reference_values_and_gradients(inputs, case):
     if kind == "slopes":
         params = alibi_slopes(N)
     else:
-        params = jax.random.normal(jax.random.key(5), shape)
+        params = _normal(5, shape)
 
     def loss(backend, q, k, v, params):
         out = backend(q, k, v, mask=mask, bias=make(params))
@@ -225,7 +230,7 @@ def test_dynamic_bias_mlp_gradients_through_the_kernel(inputs):
 def test_stack_with_memory_key_values_blockwise_equals_reference(scheme):
     """The stack's position biases with memory key/values (a prefix of the keys) give
     the same outputs and parameter gradients on both backends."""
-    x = jax.random.normal(jax.random.key(7), (B, T, 16))
+    x = _normal(7, (B, T, 16))
     kw = dict(dim=16, depth=1, heads=N, attn_dim_head=H, attn_num_mem_kv=3, **scheme)
     ref = Decoder(attn_implementation="reference", **kw)
     blk = Decoder(attn_implementation="blockwise", **kw)
@@ -234,8 +239,10 @@ def test_stack_with_memory_key_values_blockwise_equals_reference(scheme):
     def loss(params, model):
         return (model.apply(params, x) ** 2).sum()
 
-    l_ref, g_ref = jax.value_and_grad(loss)(params, ref)
-    l_blk, g_blk = jax.value_and_grad(loss)(params, blk)
+    # Jitted: eagerly, op by op, the gradients of a whole stack take several times longer.
+    value_and_grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+    l_ref, g_ref = value_and_grad(params, ref)
+    l_blk, g_blk = value_and_grad(params, blk)
     np.testing.assert_allclose(float(l_blk), float(l_ref), rtol=1e-5)
     for (path, gr), gb in zip(
         jax.tree_util.tree_leaves_with_path(g_ref), jax.tree_util.tree_leaves(g_blk), strict=True
@@ -245,7 +252,7 @@ def test_stack_with_memory_key_values_blockwise_equals_reference(scheme):
 
 def test_fused_backend_expands_the_table(inputs):
     q, k, v, _ = inputs
-    bias = RelativeBias(jax.random.normal(jax.random.key(9), (N, 9)), center=4, prefix=2)
+    bias = RelativeBias(_normal(9, (N, 9)), center=4, prefix=2)
     mask = AttentionMask(causal=True)
     np.testing.assert_allclose(
         _np(attention(q, k, v, mask=mask, bias=bias, implementation="xla")),

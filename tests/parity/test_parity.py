@@ -273,10 +273,13 @@ def test_round_trip_jax_torch_jax():
     x = _tokens(30)
     params = nn.meta.unbox(module.init(jax.random.key(0), jnp.asarray(x))["params"])
     # Move every weight off its init (norm gains included) so the round trip sees real values.
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    leaves = [p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)]
-    variables = {"params": jax.tree.unflatten(treedef, leaves)}
+    # numpy draws: jax.random would compile a sampler for every parameter shape.
+    rng = np.random.default_rng(1)
+    variables = {
+        "params": jax.tree.map(
+            lambda p: p + jnp.asarray(0.1 * rng.standard_normal(p.shape), jnp.float32), params
+        )
+    }
 
     state_dict = interop.to_x_transformers(module, variables)
     torch_model = interop.torch_model_from_config(module.config)
