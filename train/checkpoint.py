@@ -131,9 +131,9 @@ class Checkpointer:
         ckpt = Checkpointer(run_dir / "checkpoints")
         if ckpt.latest_step() is not None:
             state, meta = ckpt.restore(abstract_state)
-        ...
+        # (training steps)
         ckpt.save(step, state, {"data_position": pos, "config": cfg_dict})
-        ...
+        # (more steps, more saves)
         ckpt.close()
     """
 
