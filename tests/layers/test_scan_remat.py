@@ -27,6 +27,12 @@ def _wrapper(**stack):
     )
 
 
+def _init(module, *args, **kwargs):
+    """``module.init``, jitted with an RBG key: run eagerly, init compiles a sampler per
+    parameter shape and dozens of small ops; one RBG program compiles several times faster."""
+    return jax.jit(module.init)(jax.random.key(0, impl="rbg"), *args, **kwargs)
+
+
 def _scanned_params(module, params):
     params = dict(nn.meta.unbox(params))
     params["attn_layers"] = stack_layer_params(params["attn_layers"], module.config.attn_layers)
@@ -42,7 +48,7 @@ def tokens():
 @pytest.fixture(scope="module")
 def unrolled(tokens):
     module = _wrapper(rotary_pos_emb=True, macaron=True)
-    params = nn.meta.unbox(module.init(jax.random.key(0), tokens)["params"])
+    params = nn.meta.unbox(_init(module, tokens)["params"])
     return module, params
 
 
@@ -114,24 +120,24 @@ def test_scanned_rematerialised_cross_attender_with_masks_and_dropout():
     kwargs = dict(dim=16, depth=2, heads=2, attn_dropout=0.1, layer_dropout=0.2)
     plain = CrossAttender(**kwargs)
     scanned = CrossAttender(**kwargs, scan_layers=True, remat_policy="dots")
-    params = nn.meta.unbox(plain.init(jax.random.key(2), x, context=context)["params"])
+    params = nn.meta.unbox(_init(plain, x, context=context)["params"])
     sparams = stack_layer_params(params, scanned.config)
     call = dict(context=context, mask=mask, context_mask=context_mask)
+    # Jitted: eagerly, op by op, these calls take longer.
     np.testing.assert_allclose(
-        scanned.apply({"params": sparams}, x, **call),
-        plain.apply({"params": params}, x, **call),
+        jax.jit(scanned.apply)({"params": sparams}, x, **call),
+        jax.jit(plain.apply)({"params": params}, x, **call),
         atol=1e-5,
     )
     # Training mode: each scanned layer draws its own dropout masks from a split key.
-    out = scanned.apply(
-        {"params": sparams}, x, **call, deterministic=False, rngs={"dropout": jax.random.key(3)}
-    )
+    train = jax.jit(lambda p, key: scanned.apply(p, x, **call, deterministic=False, rngs=key))
+    out = train({"params": sparams}, {"dropout": jax.random.key(3)})
     assert out.shape == x.shape and bool(jnp.all(jnp.isfinite(out)))
 
 
 def test_scanned_params_carry_a_layers_axis_and_shard(tokens):
     module = _wrapper(scan_layers=True)
-    variables = module.init(jax.random.key(0), tokens)
+    variables = _init(module, tokens)
     boxed = variables["params"]["attn_layers"]["blocks"]["layers_0"]["attn"]["to_q"]["kernel"]
     assert boxed.names == ("layers", "embed", "heads", "kv")
     mesh = jax.make_mesh((4, 2), ("fsdp", "tensor"), axis_types=(AxisType.Auto,) * 2)
@@ -149,9 +155,10 @@ def test_scanned_params_carry_a_layers_axis_and_shard(tokens):
     params = jax.device_put(nn.meta.unbox(variables), shardings)
     q = params["params"]["attn_layers"]["blocks"]["layers_0"]["attn"]["to_q"]["kernel"]
     assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    apply = jax.jit(module.apply)
     np.testing.assert_allclose(
-        jax.jit(module.apply)(params, tokens),
-        module.apply(nn.meta.unbox(variables), tokens),
+        apply(params, tokens),
+        apply(nn.meta.unbox(variables), tokens),  # unsharded
         atol=1e-5,
     )
 

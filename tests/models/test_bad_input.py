@@ -234,7 +234,7 @@ def test_vit_wrong_image_shape():
 def checked_lm():
     model = _lm(check_token_ids=True)
     tokens = jax.random.randint(_key(1), (B, T), 0, V)
-    return model, model.init(_key(2), tokens), tokens
+    return model, jax.jit(model.init)(_key(2), tokens), tokens  # jitted: compiles faster
 
 
 @pytest.mark.parametrize("bad_id", [V, -1])

@@ -9,6 +9,7 @@ import pytest
 from tests.models.gallery import (
     check_state_carries_and_reset_clears,
     counting_step,
+    init_variables,
     random_segments,
     roll,
     train_recall,
@@ -26,9 +27,7 @@ KW = dict(num_tokens=V, dim=32, depth=2, heads=4, segment_len=SEG, block_len=W, 
 @pytest.fixture(scope="module")
 def setup():
     model = BlockRecurrentTransformer(**KW, recurrent_layer=1)
-    variables = model.init(
-        jax.random.key(0), jnp.zeros((2, SEG), jnp.int32), state=model.init_state(2)
-    )
+    variables = init_variables(model, jnp.zeros((2, SEG), jnp.int32))
     return model, variables, counting_step(model, variables)
 
 
@@ -36,9 +35,7 @@ def setup():
 def stateless_window():
     """No XL window across blocks: only the recurrent state links blocks."""
     model = BlockRecurrentTransformer(**KW, mem_len=0, recurrent_layer=0)
-    variables = model.init(
-        jax.random.key(0), jnp.zeros((2, SEG), jnp.int32), state=model.init_state(2)
-    )
+    variables = init_variables(model, jnp.zeros((2, SEG), jnp.int32))
     return model, variables, counting_step(model, variables)
 
 
@@ -58,7 +55,7 @@ def test_three_segments_compile_once(setup):
 def test_lstm_gate_runs_and_keeps_the_state_moving():
     model = BlockRecurrentTransformer(**KW, gate="lstm", recurrent_layer=1)
     segs = _segments(7, n=2)
-    variables = model.init(jax.random.key(0), segs[0], state=model.init_state(2))
+    variables = init_variables(model, segs[0])
     step = counting_step(model, variables)
     outs, state = roll(step, model, segs)
     assert len(step.traces) == 1

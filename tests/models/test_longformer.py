@@ -1,5 +1,7 @@
 """Longformer: windows, dilation and global tokens equal dense attention under the same mask."""
 
+from functools import partial
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -28,6 +30,12 @@ def _dense_mask(T, window, causal, dilations, is_global):
         ok = (rel % d == 0) & (rel >= -window * d) & (rel <= (0 if causal else window * d))
         masks.append(ok | is_global[None, :])
     return np.stack(masks)
+
+
+def _init(module, *args, **kwargs):
+    """``module.init``, jitted with an RBG key: run eagerly, init compiles a sampler per
+    parameter shape and dozens of small ops; one RBG program compiles several times faster."""
+    return jax.jit(module.init)(jax.random.key(1, impl="rbg"), *args, **kwargs)
 
 
 def _proj(p, name, x):
@@ -62,8 +70,8 @@ def test_window_dilation_global_attention_equals_dense(causal, dilation, globals
         g_idx = jnp.asarray([list(globals_) + [0]] * 2)  # the last slot is padding
         g_valid = jnp.asarray([[True] * len(globals_) + [False]] * 2)
         is_global[list(globals_)] = True
-    params = nn.meta.unbox(layer.init(jax.random.key(1), x, g_idx, g_valid))["params"]
-    got = layer.apply({"params": params}, x, g_idx, g_valid)
+    params = nn.meta.unbox(_init(layer, x, g_idx, g_valid))["params"]
+    got = jax.jit(layer.apply)({"params": params}, x, g_idx, g_valid)
 
     q, k, v = (_proj(params, n, x) for n in ("to_q", "to_k", "to_v"))
     mask = _dense_mask(T, 3, causal, dilation, is_global)
@@ -81,7 +89,7 @@ def test_window_dilation_global_attention_equals_dense(causal, dilation, globals
 def encoder():
     model = Longformer(num_tokens=16, dim=D, depth=2, heads=N, window=2, causal=False)
     tokens = _tokens(0, (1, 40))
-    variables = model.init(jax.random.key(1), tokens, state=model.init_state(1))
+    variables = _init(model, tokens, state=model.init_state(1))
     return model, variables, tokens
 
 
@@ -101,7 +109,7 @@ def test_causal_language_model_never_looks_ahead_and_trains():
     model = Longformer(num_tokens=16, dim=D, depth=2, heads=N, window=4, dilation=(1, 1, 2, 2))
     tokens = _tokens(0, (2, 33))
     state = model.init_state(2)
-    variables = model.init(jax.random.key(1), tokens, state=state)
+    variables = _init(model, tokens, state=state)
     apply = jax.jit(lambda tokens: model.apply(variables, tokens, state=state))
     logits, new_state = apply(tokens)
     assert new_state == state
@@ -131,9 +139,10 @@ def test_global_tokens_reach_everything(encoder):
     model = Longformer(num_tokens=16, dim=D, depth=1, heads=N, window=2, causal=False, max_global=2)
     tokens = _tokens(0, (1, 40))
     gmask = jnp.zeros((1, 40), bool).at[0, 0].set(True)
-    variables = model.init(jax.random.key(1), tokens, global_mask=gmask)
-    base, _ = model.apply(variables, tokens, global_mask=gmask)
-    moved, _ = model.apply(variables, tokens.at[0, 30].set(0), global_mask=gmask)
+    variables = _init(model, tokens, global_mask=gmask)
+    apply = jax.jit(lambda tokens: model.apply(variables, tokens, global_mask=gmask))
+    base, _ = apply(tokens)
+    moved, _ = apply(tokens.at[0, 30].set(0))
     assert not np.allclose(moved[0, 0], base[0, 0], atol=1e-6)  # global row sees token 30
     np.testing.assert_allclose(moved[0, 10], base[0, 10], atol=1e-6)  # a local row does not
 
@@ -147,8 +156,9 @@ def test_bad_input_is_named():
         LongformerConfig(num_tokens=8, dim=D, depth=2, heads=N, window=(2,))
     model = Longformer(num_tokens=8, dim=D, depth=1, heads=N, window=2)
     tokens = jnp.zeros((1, 8), jnp.int32)
-    variables = model.init(jax.random.key(0), tokens)
+    # The checks run while tracing: shapes alone raise them, nothing is compiled.
+    variables = jax.eval_shape(model.init, jax.random.key(0), tokens)
     with pytest.raises(ValueError, match="max_global=0"):
-        model.apply(variables, tokens, global_mask=jnp.ones((1, 8), bool))
+        jax.eval_shape(partial(model.apply, global_mask=jnp.ones((1, 8), bool)), variables, tokens)
     with pytest.raises(ValueError, match="reset must be bool"):
-        model.apply(variables, tokens, reset=jnp.ones((2,), bool))
+        jax.eval_shape(partial(model.apply, reset=jnp.ones((2,), bool)), variables, tokens)

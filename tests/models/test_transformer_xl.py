@@ -9,6 +9,7 @@ import pytest
 from tests.models.gallery import (
     check_state_carries_and_reset_clears,
     counting_step,
+    init_variables,
     random_segments,
     roll,
     train_recall,
@@ -77,9 +78,8 @@ def test_relative_attention_equals_the_papers_relative_shift(implementation):
 @pytest.fixture(scope="module")
 def model_and_vars():
     model = TransformerXL(**KW)
-    state = model.init_state(2)
     tokens = jnp.zeros((2, SEG), jnp.int32)
-    variables = model.init(jax.random.key(0), tokens, state=state)
+    variables = init_variables(model, tokens)
     return model, variables
 
 
@@ -120,15 +120,15 @@ def test_memory_carries_information_and_reset_clears_it(run, model_and_vars):
     check_state_carries_and_reset_clears(run, model, _segments(3, n=2), V)
 
 
-def test_memory_length_is_independent_of_segment_length():
+def test_memory_length_is_independent_of_segment_length(model_and_vars):
     model = TransformerXL(**{**KW, "mem_len": 3})
-    state = model.init_state(1)
+    variables = model_and_vars[1]  # the memory length changes no parameter
+    apply = jax.jit(lambda tokens, state: model.apply(variables, tokens, state=state))
     tokens = jnp.arange(SEG)[None] % V
-    variables = model.init(jax.random.key(0), tokens, state=state)
-    _, state = model.apply(variables, tokens, state=state)
+    _, state = apply(tokens, model.init_state(1))
     assert state.mems.shape == (2, 1, 3, 32)
     short = tokens[:, :2]  # a shorter segment keeps the older rows of the memory
-    _, state2 = model.apply(variables, short, state=state)
+    _, state2 = apply(short, state)
     np.testing.assert_allclose(state2.mems[:, :, 0], state.mems[:, :, 2], atol=0)
 
 

@@ -271,7 +271,9 @@ def test_round_trip_jax_torch_jax():
         ),
     )
     x = _tokens(30)
-    params = nn.meta.unbox(module.init(jax.random.key(0), jnp.asarray(x))["params"])
+    # Jitted with an RBG key: eagerly, init compiles a sampler per parameter shape.
+    params = jax.jit(module.init)(jax.random.key(0, impl="rbg"), jnp.asarray(x))["params"]
+    params = nn.meta.unbox(params)
     # Move every weight off its init (norm gains included) so the round trip sees real values.
     # numpy draws: jax.random would compile a sampler for every parameter shape.
     rng = np.random.default_rng(1)

@@ -131,7 +131,8 @@ def tied_stream_decoder():
     )
     rng = np.random.default_rng(0)  # numpy: jax.random compiles a sampler per shape
     x = jnp.asarray(rng.standard_normal((2, 8, D)), jnp.float32)
-    params = nn.meta.unbox(model.init(jax.random.key(1), x))["params"]
+    # Jitted with an RBG key: eagerly, init compiles a sampler per parameter shape.
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(1, impl="rbg"), x))["params"]
     # The stream embeddings start at zero; move them so that they matter.
     params = dict(params, stream_emb=jnp.asarray(rng.standard_normal((2, D)), jnp.float32))
     return model, {"params": params}, x
@@ -212,7 +213,7 @@ def test_xtx_weights_round_trip_through_torch():
         num_tokens=64, max_seq_len=16, attn_layers=Decoder(dim=D, depth=2, heads=HEADS, **cfg)
     )
     x = _tokens(17)
-    variables = module.init(jax.random.key(17), jnp.asarray(x))
+    variables = jax.jit(module.init)(jax.random.key(17, impl="rbg"), jnp.asarray(x))
     # Move the constant-initialised weights so that the round trip is not trivial.
     rng = np.random.default_rng(18)
     flat = traverse_util.flatten_dict(nn.meta.unbox(variables["params"]))
