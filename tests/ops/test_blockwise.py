@@ -99,8 +99,9 @@ def test_dispatch_and_unsupported(inputs):
 
 
 def test_auto_picks_blockwise_for_long_sequences_on_cpu(monkeypatch):
-    """``implementation="auto"``: blockwise from BLOCKWISE_MIN_LENGTH keys on CPU (with
-    dropout too), the reference below it or for a dense explicit mask."""
+    """``implementation="auto"``: blockwise once the score matrix reaches
+    BLOCKWISE_MIN_LENGTH ** 2 entries on CPU (with dropout too); the reference below it
+    (one decoding query over as many keys included) or for a dense explicit mask."""
     attention_module = sys.modules["xtx.ops.attention"]  # the package re-exports the function
 
     calls = []
@@ -119,7 +120,9 @@ def test_auto_picks_blockwise_for_long_sequences_on_cpu(monkeypatch):
     attention(long_q, long_q, long_q, dropout_rate=0.1, dropout_rng=jax.random.key(0))
     explicit = AttentionMask(explicit=jnp.ones((n, n), bool))
     attention(long_q, long_q, long_q, mask=explicit)
-    assert calls == ["blockwise", "reference", "blockwise", "reference"]
+    one_q = jnp.zeros((1, 1, 2, 4))
+    attention(one_q, long_q, long_q, mask=AttentionMask(causal=True, q_offset=n - 1))
+    assert calls == ["blockwise", "reference", "blockwise", "reference", "reference"]
 
 
 def test_dropout_is_exact_with_the_block_masks():

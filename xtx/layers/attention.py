@@ -50,6 +50,7 @@ from xtx.ops import (
     AttentionMask,
     apply_rotary,
     attention,
+    cached_attention,
     l2_normalize,
     pad_keys,
     sinusoidal_embedding,
@@ -81,8 +82,10 @@ class LayerKVCache(NamedTuple):
     Heads-major, unlike the ``[B, S, K, H]`` of the attention interface: a decoding step
     reads every cached key and value, and in this layout the score and output einsums
     take them without a transpose (a copy of the whole cache per layer and step
-    otherwise: 4x slower attention at 320 slots, batch 8, on CPU). The layer presents
-    them to ``xtx.ops.attention`` as a transposed view, which XLA folds away.
+    otherwise: 4x slower attention at 320 slots, batch 8, on CPU). The layer hands the
+    cache to ``xtx.ops.cached_attention``, which reads it before writing the new tokens
+    (with memory key/values: written first, then ``xtx.ops.attention`` on a transposed
+    view, which XLA folds away).
 
     Attributes:
       keys: ``[B, K, L, H]`` keys after rotary / qk-norm, L cache slots (a
@@ -288,7 +291,11 @@ class Attention(nn.Module):
             new_cache = LayerKVCache(heads_major(k), heads_major(values))  # what a decoder caches
         if cfg.collab_heads:
             k = jnp.broadcast_to(k, (B, S, N, k.shape[-1]))  # every head reads the shared keys
-        if self_cache is not None:
+        # A cache without memory key/values goes to ``cached_attention``, which reads the
+        # old cache and writes the new tokens last; with them, the written cache (and the
+        # memory key/values before it) goes through ``attention``.
+        fused_cache = self_cache is not None and not cfg.num_mem_kv
+        if self_cache is not None and not fused_cache:
             start = (0, 0, cache_index, 0)
             k = jax.lax.dynamic_update_slice(
                 self_cache.keys, heads_major(k).astype(self_cache.keys.dtype), start
@@ -353,10 +360,7 @@ class Attention(nn.Module):
             if on:
                 init = nn.with_logical_partitioning(_identity_init, (None, None))
                 talking[name] = self.param(name, init, (N, N))
-        out = attention(
-            q,
-            k,
-            v,
+        attention_kwargs = dict(
             mask=mask,
             bias=bias,
             scale=scale,
@@ -370,7 +374,14 @@ class Attention(nn.Module):
             normalizer=cfg.normalizer,
             return_logits=return_logits,
             **talking,
-        )  # [B, T, N, H]
+        )
+        if fused_cache:
+            out, *cache_parts = cached_attention(
+                q, k, v, self_cache.keys, self_cache.values, cache_index, **attention_kwargs
+            )
+            new_cache = LayerKVCache(*cache_parts)
+        else:
+            out = attention(q, k, v, **attention_kwargs)  # [B, T, N, H]
         logits = None
         if return_logits:
             out, logits = out  # logits [B, N, T, S]

@@ -28,6 +28,10 @@ softmax, 1.5-entmax (1909.00015) or hard one-hot attention with a straight-throu
 softmax gradient, optionally restricted to the ``sparse_topk`` largest logits of each row
 (explicit sparse attention, 1912.11637); then dropout, then ``W·A`` (post-softmax
 talking heads), then ``A·V``.
+
+KV caches: ``cached_attention`` attends T new tokens over a fixed-size heads-major cache
+``[B, K, L, H]`` that they extend, reading the old cache first and writing the new
+tokens last, so that a decoding step reads the cache once without copying it.
 """
 
 from __future__ import annotations
@@ -115,11 +119,33 @@ def attention_logits(
     """
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
-    scale = H**-0.5 if scale is None else scale
     # Query head i = g * K + kh reads kv head kh (tiling), so split N as (G, K).
     qg = q.reshape(B, T, N // K, K, H)
-    logits = jnp.einsum("btgkh,bskh->bgkts", qg, k, preferred_element_type=jnp.float32)
-    logits = logits.reshape(B, N, T, S) * scale
+    raw = jnp.einsum("btgkh,bskh->bgkts", qg, k, preferred_element_type=jnp.float32)
+    return _finish_logits(
+        raw.reshape(B, N, T, S),
+        mask=mask,
+        bias=bias,
+        scale=H**-0.5 if scale is None else scale,
+        prev_logits=prev_logits,
+        pre_talking_heads=pre_talking_heads,
+        logit_softclamp=logit_softclamp,
+    )
+
+
+def _finish_logits(
+    logits: Array,
+    *,
+    mask: AttentionMask | None,
+    bias: Array | RelativeBias | None,
+    scale: float,
+    prev_logits: Array | None,
+    pre_talking_heads: Array | None,
+    logit_softclamp: float | None,
+) -> tuple[Array, Array | None]:
+    """``attention_logits`` from the raw float32 dot products ``q . k`` ``[B, N, T, S]``."""
+    T, S = logits.shape[-2:]
+    logits = logits * scale
     if prev_logits is not None:
         logits = logits + prev_logits.astype(jnp.float32)
     if pre_talking_heads is not None:
@@ -143,6 +169,11 @@ def attention_output(probs: Array, v: Array, dense_mask: Array | None) -> Array:
     K, H = v.shape[2], v.shape[3]
     pg = probs.astype(v.dtype).reshape(B, N // K, K, T, S)
     out = jnp.einsum("bgkts,bskh->btgkh", pg, v).reshape(B, T, N, H)
+    return _zero_keyless_rows(out, dense_mask)
+
+
+def _zero_keyless_rows(out: Array, dense_mask: Array | None) -> Array:
+    """Zeroes the outputs ``[B, T, N, H]`` of queries that see no key at all."""
     if dense_mask is not None:
         has_key = jnp.any(dense_mask, axis=-1)  # [B|1, N|1, T]
         out = jnp.where(jnp.swapaxes(has_key, 1, 2)[..., None], out, jnp.zeros((), out.dtype))
@@ -248,6 +279,31 @@ def reference_attention(
         pre_talking_heads=pre_talking_heads,
         logit_softclamp=logit_softclamp,
     )
+    probs = _probabilities(
+        logits,
+        normalizer=normalizer,
+        sparse_topk=sparse_topk,
+        sparse_topk_straight_through=sparse_topk_straight_through,
+        dropout_rate=dropout_rate,
+        dropout_rng=dropout_rng,
+        post_talking_heads=post_talking_heads,
+    )
+    out = attention_output(probs, v, dense)
+    return (out, logits) if return_logits else out
+
+
+def _probabilities(
+    logits: Array,
+    *,
+    normalizer: str,
+    sparse_topk: int | None,
+    sparse_topk_straight_through: bool,
+    dropout_rate: float,
+    dropout_rng: Array | None,
+    post_talking_heads: Array | None,
+) -> Array:
+    """Masked logits -> the probabilities that multiply the values: the normaliser,
+    dropout, then post-softmax talking heads."""
     probs = normalize_logits(
         logits,
         normalizer,
@@ -257,8 +313,7 @@ def reference_attention(
     probs = dropout_probs(probs, dropout_rate, dropout_rng)
     if post_talking_heads is not None:
         probs = mix_heads(probs, post_talking_heads)
-    out = attention_output(probs, v, dense)
-    return (out, logits) if return_logits else out
+    return probs
 
 
 register_backend("reference", reference_attention)
@@ -477,3 +532,168 @@ def attention(
         dropout_rate=dropout_rate,
         dropout_rng=dropout_rng,
     )
+
+
+# The logit/probability extras of ``attention`` and their defaults.
+_EXTRA_DEFAULTS: dict[str, Any] = dict(
+    prev_logits=None,
+    pre_talking_heads=None,
+    post_talking_heads=None,
+    logit_softclamp=None,
+    sparse_topk=None,
+    sparse_topk_straight_through=False,
+    normalizer="softmax",
+    return_logits=False,
+)
+
+
+def _after(x: Array, y: Array) -> Array:
+    """``x`` unchanged, but computed from ``y``: adds a negative zero (``x + -0.0 == x``
+    bit for bit, signed zeros included) derived from one element of ``y``.
+
+    XLA orders work by data dependencies only. A cache write that depends on nothing
+    the attention reads may be scheduled before those reads, so XLA keeps the old cache
+    alive with a full copy per layer and step. Making the write depend on the attention
+    output removes that copy (2-3x faster attention per decoding step on CPU).
+    """
+    probe = jax.lax.stop_gradient(y.reshape(-1)[0]).astype(jnp.float32)
+    neg_zero = -jnp.abs(jnp.where(jnp.isfinite(probe), probe, 0.0) * 0.0)
+    return x + neg_zero.astype(x.dtype)
+
+
+def cached_attention(
+    q: Array,
+    k_new: Array,
+    v_new: Array,
+    keys: Array,
+    values: Array,
+    index: Array,
+    *,
+    mask: AttentionMask | None = None,
+    bias: Array | RelativeBias | None = None,
+    scale: float | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: Array | None = None,
+    implementation: str = "auto",
+    **extras: Any,
+) -> tuple[Array | tuple[Array, Array], Array, Array]:
+    """Attention of T new tokens over a fixed-size key/value cache they extend.
+
+    The keys and values attended to are the cache with slots ``[index, index + T)``
+    replaced by the new tokens'; the result equals writing them and calling
+    ``attention`` on the whole cache. When the dense reference does the work (the
+    ``"auto"`` choice while ``T * L`` is small: incremental decoding), the cache is not
+    written before it is read: the scores and the weighted sum read the old cache, the
+    new tokens' own scores and values are patched in on the small ``[B, N, T, L]``
+    side, and the cache is written last. Every byte of the cache is then read once per
+    step, with no copy of it. Other backends get the written cache.
+
+    Args:
+      q: queries ``[B, T, N, H]``.
+      k_new: the new tokens' keys ``[B, T, K, H]``.
+      v_new: the new tokens' values ``[B, T, K, H]``.
+      keys: the key cache, heads-major ``[B, K, L, H]``.
+      values: the value cache ``[B, K, L, H]``.
+      index: int32 ``[]``: the slot of the first new token.
+      mask, bias, scale, dropout_rate, dropout_rng, implementation, and the extras
+        (``prev_logits`` ... ``return_logits``): as for ``attention``, over the L slots.
+
+    Returns:
+      ``(attention's result, keys, values)`` with the updated caches.
+    """
+    unknown = sorted(set(extras) - set(_EXTRA_DEFAULTS))
+    if unknown:
+        raise TypeError(f"cached_attention got unexpected keyword arguments {unknown}")
+    extras = {**_EXTRA_DEFAULTS, **extras}
+    B, T, N, H = q.shape
+    K, L = keys.shape[1], keys.shape[2]
+    if k_new.shape != (B, T, K, H) or v_new.shape != (B, T, K, H):
+        raise ValueError(
+            f"k_new and v_new must have shape [B, T, K, H] = {(B, T, K, H)}, "
+            f"got {k_new.shape} and {v_new.shape}"
+        )
+    if keys.shape != values.shape or keys.shape != (B, K, L, H):
+        raise ValueError(
+            f"keys and values must have shape [B, K, L, H] = {(B, K, L, H)}, "
+            f"got {keys.shape} and {values.shape}"
+        )
+    k_new, v_new = k_new.astype(keys.dtype), v_new.astype(values.dtype)
+    start = (0, 0, index, 0)
+
+    def write(k_new, v_new):
+        return (
+            jax.lax.dynamic_update_slice(keys, jnp.swapaxes(k_new, 1, 2), start),
+            jax.lax.dynamic_update_slice(values, jnp.swapaxes(v_new, 1, 2), start),
+        )
+
+    def as_bskh(cache):
+        return jnp.swapaxes(cache, 1, 2).astype(q.dtype)
+
+    kwargs = dict(
+        mask=mask,
+        bias=bias,
+        scale=scale,
+        dropout_rate=dropout_rate,
+        dropout_rng=dropout_rng,
+        implementation=implementation,
+        **extras,
+    )
+    dense = implementation == "reference" or (
+        implementation == "auto"
+        and (
+            _check_extras(q, as_bskh(keys), **extras)
+            or _auto_backend(q, as_bskh(keys), mask, bias, dropout_rate) == "reference"
+        )
+    )
+    if not dense:
+        keys, values = write(k_new, v_new)
+        return attention(q, as_bskh(keys), as_bskh(values), **kwargs), keys, values
+
+    _check_extras(q, as_bskh(keys), **extras)
+    if mask is not None and not isinstance(mask, AttentionMask):
+        raise TypeError(f"mask must be an xtx.ops.AttentionMask, got {type(mask).__name__}")
+    if isinstance(bias, RelativeBias):
+        bias.check(B, N, T, L)
+    # Explicit dot_generals with the cache as the first operand of the scores and the
+    # second of the weighted sum, each contracting its natural axis: XLA's CPU dots then
+    # read the [B, K, L, H] cache in place (einsum let it pick orders that transpose it).
+    G = N // K
+    batch_kv = ((0, 1), (0, 1))
+    qk = q.reshape(B, T, G, K, H).transpose(0, 3, 1, 2, 4).reshape(B, K, T * G, H)
+    f32 = jnp.float32
+    cached_k, fresh_k = keys.astype(q.dtype), jnp.swapaxes(k_new, 1, 2).astype(q.dtype)
+    raw = jax.lax.dot_general(cached_k, qk, (((3,), (3,)), batch_kv), preferred_element_type=f32)
+    fresh = jax.lax.dot_general(fresh_k, qk, (((3,), (3,)), batch_kv), preferred_element_type=f32)
+    raw = jax.lax.dynamic_update_slice(raw, fresh, (0, 0, index, 0))  # [B, K, L, T * G]
+    raw = raw.reshape(B, K, L, T, G).transpose(0, 4, 1, 3, 2)  # [B, G, K, T, L]
+    logits, dense_mask = _finish_logits(
+        raw.reshape(B, N, T, L),
+        mask=mask,
+        bias=bias,
+        scale=H**-0.5 if scale is None else scale,
+        prev_logits=extras["prev_logits"],
+        pre_talking_heads=extras["pre_talking_heads"],
+        logit_softclamp=extras["logit_softclamp"],
+    )
+    probs = _probabilities(
+        logits,
+        normalizer=extras["normalizer"],
+        sparse_topk=extras["sparse_topk"],
+        sparse_topk_straight_through=extras["sparse_topk_straight_through"],
+        dropout_rate=dropout_rate,
+        dropout_rng=dropout_rng,
+        post_talking_heads=extras["post_talking_heads"],
+    )
+    cached_v, fresh_v = values.astype(q.dtype), jnp.swapaxes(v_new, 1, 2).astype(q.dtype)
+    pg = probs.astype(q.dtype).reshape(B, G, K, T, L).transpose(0, 2, 3, 1, 4)
+    pg = pg.reshape(B, K, T * G, L)
+    p_new = jax.lax.dynamic_slice_in_dim(pg, index, T, axis=-1)  # [B, K, T * G, T]
+    p_old = jax.lax.dynamic_update_slice(pg, jnp.zeros_like(p_new), (0, 0, 0, index))
+    out = jax.lax.dot_general(p_old, cached_v, (((3,), (2,)), batch_kv))
+    out = out + jax.lax.dot_general(p_new, fresh_v, (((3,), (2,)), batch_kv))  # [B, K, TG, H]
+    out = out.reshape(B, K, T, G, H).transpose(0, 2, 3, 1, 4)  # [B, T, G, K, H]
+    out = _zero_keyless_rows(out.reshape(B, T, N, H), dense_mask)
+    # Written last, and made to depend on the output so that XLA orders it so.
+    keys, values = write(_after(k_new, out), _after(v_new, out))
+    result = (out, logits) if extras["return_logits"] else out
+    return result, keys, values
