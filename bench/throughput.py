@@ -14,13 +14,16 @@ ratios measured in one run mean anything.
 Cores. XLA's CPU backend runs the small operations of a blockwise attention loop on one
 thread, so xtx uses the cores the JAX way: one host-platform device per core
 (``--devices``, default all cores) and a mesh over them, data parallel when the batch
-splits evenly, tensor parallel over heads and feedforward width otherwise (batch 1).
-torch gets the same cores as intra-op threads.
+splits evenly, otherwise (batch 1) sequence parallel: every token-wise layer on a share
+of the tokens, attention on a share of the heads (``--parallel tensor`` splits heads and
+feedforward width Megatron-style instead). torch gets the same cores as intra-op
+threads.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import resource
 import sys
@@ -75,13 +78,15 @@ def _set_cpu_devices(count: int) -> None:
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
 
 
-def _parallelism(batch: int, heads: int, devices: int, choice: str = "auto") -> str:
+def _parallelism(batch: int, length: int, heads: int, devices: int, choice: str = "auto") -> str:
     if choice != "auto":
         return choice
     if devices == 1:
         return "single"
     if batch % devices == 0:
         return "data"
+    if heads % devices == 0 and length % devices == 0:
+        return "sequence"
     if heads % devices == 0:
         return "tensor"
     raise ValueError(f"batch {batch} and heads {heads} do not split over {devices} devices")
@@ -92,6 +97,10 @@ def _parallelism(batch: int, heads: int, devices: int, choice: str = "auto") -> 
 _RULES = {
     "data": (("batch", "data"),),
     "tensor": (("heads", "model"), ("kv_heads", "model"), ("mlp", "model"), ("vocab", "model")),
+    # Sequence parallel (Ulysses, 2309.14509): replicated parameters, every token-wise
+    # layer on its device's share of the tokens, attention on its share of the heads
+    # (q/k/v and the output move between the two with all-to-alls).
+    "sequence": (("length", "model"), ("act_heads", "model"), ("act_kv_heads", "model")),
     # Tensor parallel plus sequence parallel between layers (Megatron-SP): norms and
     # residual adds run on half the tokens per device.
     "tensor_seq": (
@@ -155,7 +164,9 @@ def time_xtx(module, params, batch, length, steps, vocab, implementation, parall
 
     params = jax.tree.map(lambda a: a.copy(), params)  # the caller's copy survives donation
     start = time.perf_counter()
-    step = step.lower(params, opt_state, x).compile()
+    # The mesh in context makes the layers' activation sharding constraints take effect.
+    with jax.set_mesh(mesh) if parallel != "single" else contextlib.nullcontext():
+        step = step.lower(params, opt_state, x).compile()
     compile_s = time.perf_counter() - start
     params, opt_state, loss = step(params, opt_state, x)
     loss.block_until_ready()
@@ -194,8 +205,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--parallel",
         default="auto",
-        choices=("auto", "single", "data", "tensor", "tensor_seq"),
-        help="xtx layout over the devices; auto: data when the batch splits, else tensor",
+        choices=("auto", "single", "data", "tensor", "tensor_seq", "sequence"),
+        help="xtx layout over the devices; auto: data when the batch splits, else sequence",
     )
     args = parser.parse_args(argv)
     _set_cpu_devices(args.devices)
@@ -243,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
             else time_torch(torch_model, batch, length, args.steps, args.vocab)
         )
         row = f"{f'{batch} x {length}':>12} {tokens / t_torch:12.0f}"
-        parallel = _parallelism(batch, args.heads, jax.device_count(), args.parallel)
+        parallel = _parallelism(batch, length, args.heads, jax.device_count(), args.parallel)
         for impl in impls:
             t_xtx, compile_s, first_s = time_xtx(
                 module, params, batch, length, args.steps, args.vocab, impl, parallel

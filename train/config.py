@@ -36,7 +36,7 @@ FAMILIES = (
     "longformer",
     "rmt",
 )
-RULE_SETS = ("auto", "data", "fsdp", "tensor", "fsdp_tensor")
+RULE_SETS = ("auto", "data", "fsdp", "tensor", "fsdp_tensor", "sequence")
 
 
 class ConfigError(ValueError):

@@ -2,15 +2,19 @@
 
 xtx names every parameter axis logically (``embed``, ``mlp``, ``heads``, ``kv_heads``,
 ``kv``, ``vocab``, ``norm``, ``layers``) and constrains activations with ``batch``,
-``length`` and ``act_embed``. A rule set maps those names onto the mesh axes
-``data``, ``fsdp`` and ``tensor``; swapping the rule set turns the same model from
-data parallel into FSDP, tensor parallel, or both:
+``length`` and ``act_embed`` (around attention also ``act_heads`` and ``act_kv_heads``).
+A rule set maps those names onto the mesh axes ``data``, ``fsdp`` and ``tensor``;
+swapping the rule set turns the same model from data parallel into FSDP, tensor
+parallel, both, or sequence parallel:
 
 =============  ==========================================================
 ``data``       parameters replicated; the batch split over data and fsdp
 ``fsdp``       the ``embed`` axis of every weight split over fsdp (ZeRO-3)
 ``tensor``     heads, MLP and vocabulary split over tensor (Megatron style)
 ``fsdp_tensor`` both
+``sequence``   parameters replicated; each sequence's tokens split over tensor,
+               attention split over heads (Ulysses, 2309.14509: all-to-alls
+               move q/k/v and the attention output between the two)
 =============  ==========================================================
 
 The batch always splits over ``("data", "fsdp")``. Optimiser moments take the
@@ -37,8 +41,11 @@ BATCH_AXES = ("data", "fsdp")
 
 _TENSOR = (("heads", "tensor"), ("kv_heads", "tensor"), ("mlp", "tensor"), ("vocab", "tensor"))
 _ACTIVATIONS = (("batch", BATCH_AXES), ("length", None), ("act_embed", None))
+# Listed before _ACTIVATIONS: flax takes the first rule for a name.
+_SEQUENCE = (("length", "tensor"), ("act_heads", "tensor"), ("act_kv_heads", "tensor"))
 RULES: dict[str, tuple[tuple[str, Any], ...]] = {
     "data": _ACTIVATIONS,
+    "sequence": _SEQUENCE + _ACTIVATIONS,
     "fsdp": (("embed", "fsdp"),) + _ACTIVATIONS,
     "tensor": _TENSOR + _ACTIVATIONS,
     "fsdp_tensor": (("embed", "fsdp"),) + _TENSOR + _ACTIVATIONS,

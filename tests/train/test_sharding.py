@@ -18,9 +18,11 @@ MESHES = {
     "fsdp": MeshConfig(data=2, fsdp=4, rules="fsdp"),
     "tensor": MeshConfig(data=2, tensor=4, rules="tensor"),
     "fsdp_tensor": MeshConfig(data=2, fsdp=2, tensor=2, rules="fsdp_tensor"),
+    "sequence": MeshConfig(data=2, tensor=4, rules="sequence"),
 }
 # What each rule set must do to these parameters, written from the rules' definition:
-# fsdp splits the embed axis, tensor splits heads / kv_heads / mlp / vocab.
+# fsdp splits the embed axis, tensor splits heads / kv_heads / mlp / vocab, sequence
+# splits activations only.
 GOLDEN = {
     "data": {"to_q": P(), "ff_in": P(), "token_emb": P(), "to_logits": P()},
     "fsdp": {
@@ -41,6 +43,7 @@ GOLDEN = {
         "token_emb": P("tensor", "fsdp"),
         "to_logits": P("fsdp", "tensor"),
     },
+    "sequence": {"to_q": P(), "ff_in": P(), "token_emb": P(), "to_logits": P()},
 }
 
 
@@ -103,6 +106,12 @@ def test_rule_set_matches_one_device_and_golden_table(single, rules):
     # Adam's moments live where their parameters do.
     mu = ts["opt_state"][1][0].mu["attn_layers"]["layers_0"]["attn"]["to_q"]["kernel"]
     assert _normal(mu.sharding.spec) == _normal(GOLDEN[rules]["to_q"])
+    if rules == "sequence":
+        # The tokens really are split: attention reshards q/k/v with all-to-alls.
+        with trainer.context():
+            batch = trainer.global_batch(_batches()[0])
+            hlo = trainer._train_step.lower(ts, batch).compile().as_text()
+        assert " all-to-all(" in hlo
 
 
 def _normal(spec: P) -> tuple:

@@ -45,7 +45,17 @@ import jax
 import jax.numpy as jnp
 
 from xtx.layers.attention_config import AttentionConfig, RotarySettings
-from xtx.layers.base import EMBED, HEAD_DIM, HEADS, KV_HEADS, Projection
+from xtx.layers.base import (
+    ACT_HEADS,
+    ACT_KV_HEADS,
+    BATCH,
+    EMBED,
+    HEAD_DIM,
+    HEADS,
+    KV_HEADS,
+    LENGTH,
+    Projection,
+)
 from xtx.ops import (
     AttentionMask,
     apply_rotary,
@@ -113,6 +123,30 @@ class AttentionIntermediates(NamedTuple):
     logits: Array | None
     values: Array
     kv_cache: LayerKVCache | None = None
+
+
+def _sequence_parallel() -> bool:
+    """True when the active logical axis rules map ``ACT_HEADS`` (sequence parallel)."""
+    return any(name == ACT_HEADS and mesh is not None for name, mesh in nn.get_logical_axis_rules())
+
+
+def _heads_sharded(q: Array, k: Array, v: Array) -> tuple[Array, Array, Array]:
+    """Sequence parallel: q ``[B, T, N, H]``, k, v ``[B, S, K, H]`` arrive split along the
+    length; attention needs every key, so they are resharded along the heads instead
+    (an all-to-all each). A no-op under any other rules."""
+    if not _sequence_parallel():
+        return q, k, v
+    q = nn.with_logical_constraint(q, (BATCH, None, ACT_HEADS, None))
+    k = nn.with_logical_constraint(k, (BATCH, None, ACT_KV_HEADS, None))
+    v = nn.with_logical_constraint(v, (BATCH, None, ACT_KV_HEADS, None))
+    return q, k, v
+
+
+def _length_sharded(out: Array) -> Array:
+    """Sequence parallel: the attention output ``[B, T, N, H]`` back to length shards."""
+    if not _sequence_parallel():
+        return out
+    return nn.with_logical_constraint(out, (BATCH, LENGTH, None, None))
 
 
 def heads_major(x: Array) -> Array:
@@ -381,7 +415,9 @@ class Attention(nn.Module):
             )
             new_cache = LayerKVCache(*cache_parts)
         else:
+            q, k, v = _heads_sharded(q, k, v)
             out = attention(q, k, v, **attention_kwargs)  # [B, T, N, H]
+            out = _length_sharded(out)
         logits = None
         if return_logits:
             out, logits = out  # logits [B, N, T, S]

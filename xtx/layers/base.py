@@ -36,6 +36,11 @@ LAYERS = "layers"
 BATCH = "batch"
 LENGTH = "length"
 ACT_EMBED = "act_embed"
+# Attention heads of activations (q/k/v and the attention output). Only sequence-parallel
+# rule sets map them: the layer then moves q/k/v from length shards to head shards for
+# attention and back (all-to-alls), see ``Attention``.
+ACT_HEADS = "act_heads"
+ACT_KV_HEADS = "act_kv_heads"
 
 
 class ConfiguredMeta(type(nn.Module)):
