@@ -112,6 +112,10 @@ def test_rule_set_matches_one_device_and_golden_table(single, rules):
             batch = trainer.global_batch(_batches()[0])
             hlo = trainer._train_step.lower(ts, batch).compile().as_text()
         assert " all-to-all(" in hlo
+        # Nothing is gathered: no device computes another's tokens or heads (the
+        # attention output once dragged the length split into the kernel's loop and
+        # gathered every block's heads).
+        assert " all-gather(" not in hlo
 
 
 def _normal(spec: P) -> tuple:

@@ -136,16 +136,23 @@ def _heads_sharded(q: Array, k: Array, v: Array) -> tuple[Array, Array, Array]:
     (an all-to-all each). A no-op under any other rules."""
     if not _sequence_parallel():
         return q, k, v
-    q = nn.with_logical_constraint(q, (BATCH, None, ACT_HEADS, None))
-    k = nn.with_logical_constraint(k, (BATCH, None, ACT_KV_HEADS, None))
-    v = nn.with_logical_constraint(v, (BATCH, None, ACT_KV_HEADS, None))
-    return q, k, v
+
+    def reshard(x, heads):
+        # Pinned to length shards first, so that each device projects its own tokens
+        # (XLA may otherwise gather the layer input and project every token twice).
+        x = nn.with_logical_constraint(x, (BATCH, LENGTH, None, None))
+        return nn.with_logical_constraint(x, (BATCH, None, heads, None))
+
+    return reshard(q, ACT_HEADS), reshard(k, ACT_KV_HEADS), reshard(v, ACT_KV_HEADS)
 
 
 def _length_sharded(out: Array) -> Array:
     """Sequence parallel: the attention output ``[B, T, N, H]`` back to length shards."""
     if not _sequence_parallel():
         return out
+    # Pinned to head shards first: otherwise XLA pulls the length split back into the
+    # attention kernel's loop, gathering the heads of every block.
+    out = nn.with_logical_constraint(out, (BATCH, None, ACT_HEADS, None))
     return nn.with_logical_constraint(out, (BATCH, LENGTH, None, None))
 
 
