@@ -424,10 +424,11 @@ class Attention(nn.Module):
         else:
             q, k, v = _heads_sharded(q, k, v)
             out = attention(q, k, v, **attention_kwargs)  # [B, T, N, H]
-            out = _length_sharded(out)
         logits = None
         if return_logits:
             out, logits = out  # logits [B, N, T, S]
+        if not fused_cache:
+            out = _length_sharded(out)
         if cfg.head_scale:
             # Normformer (2110.09456): a learned scalar per head, initialised to 1.
             init = nn.with_logical_partitioning(nn.initializers.ones, (HEADS,))
