@@ -76,6 +76,7 @@ def prepare(config: RunConfig) -> Run:
     task = build_task(config.model, corpus.vocab_size)
     mesh = shd.make_mesh(config.mesh)
     shd.check_batch(config.batch_size, mesh)
+    shd.check_sequence(config.mesh, mesh, task.seq_len, config.model.heads)
     kind = StreamBatcher if task.stateful else WindowBatcher
     extra = {} if task.stateful else {"seed": config.seed}
     train_batches = kind(

@@ -93,6 +93,20 @@ def rule_set(cfg: MeshConfig, mesh: jax.sharding.Mesh) -> tuple[tuple[str, Any],
     return RULES[name]
 
 
+def check_sequence(cfg: MeshConfig, mesh: jax.sharding.Mesh, seq_len: int, heads: int) -> None:
+    """The ``sequence`` rule set splits each segment's tokens and the attention heads over
+    the tensor axis: both must split evenly."""
+    n = mesh.shape["tensor"]
+    if cfg.rules != "sequence" or n == 1:
+        return
+    for name, size in (("model.seq_len", seq_len), ("model.heads", heads)):
+        if size % n:
+            raise ConfigError(
+                f"mesh.rules=sequence splits {name} over the tensor axis ({n}), "
+                f"but {name}={size} is not divisible by it"
+            )
+
+
 def check_batch(batch_size: int, mesh: jax.sharding.Mesh) -> None:
     """The global batch must split evenly over the batch axes and the hosts."""
     rows = mesh.shape["data"] * mesh.shape["fsdp"]

@@ -151,3 +151,15 @@ def test_batch_not_divisible_by_data_axes():
     mesh = shd.make_mesh(MeshConfig(data=4, fsdp=2), jax.devices())
     with pytest.raises(ConfigError, match="batch_size=6 is not divisible by the data x fsdp"):
         shd.check_batch(6, mesh)
+
+
+def test_sequence_rules_need_even_token_and_head_splits():
+    cfg = MeshConfig(data=2, tensor=4, rules="sequence")
+    mesh = shd.make_mesh(cfg, jax.devices())
+    shd.check_sequence(cfg, mesh, seq_len=16, heads=4)  # both split over 4
+    with pytest.raises(ConfigError, match="model.seq_len=18 is not divisible"):
+        shd.check_sequence(cfg, mesh, seq_len=18, heads=4)
+    with pytest.raises(ConfigError, match="model.heads=6 is not divisible"):
+        shd.check_sequence(cfg, mesh, seq_len=16, heads=6)
+    # Other rule sets do not split the tokens.
+    shd.check_sequence(MeshConfig(data=2, tensor=4, rules="tensor"), mesh, seq_len=18, heads=6)

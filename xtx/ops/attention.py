@@ -88,6 +88,11 @@ def _check_shapes(q: Array, k: Array, v: Array) -> None:
         )
 
 
+def _check_mask(mask: Any) -> None:
+    if mask is not None and not isinstance(mask, AttentionMask):
+        raise TypeError(f"mask must be an xtx.ops.AttentionMask, got {type(mask).__name__}")
+
+
 def softclamp(x: Array, value: float) -> Array:
     """``tanh(x / value) * value``: a smooth clamp of ``x`` to ``(-value, value)``."""
     return jnp.tanh(x / value) * value
@@ -481,8 +486,7 @@ def attention(
       ``[B, T, N, H]`` in the dtype of ``v``, and the logits when ``return_logits``.
     """
     _check_shapes(q, k, v)
-    if mask is not None and not isinstance(mask, AttentionMask):
-        raise TypeError(f"mask must be an xtx.ops.AttentionMask, got {type(mask).__name__}")
+    _check_mask(mask)
     if isinstance(bias, RelativeBias):
         bias.check(q.shape[0], q.shape[2], q.shape[1], k.shape[1])
     extras = dict(
@@ -638,20 +642,16 @@ def cached_attention(
         implementation=implementation,
         **extras,
     )
-    dense = implementation == "reference" or (
-        implementation == "auto"
-        and (
-            _check_extras(q, as_bskh(keys), **extras)
-            or _auto_backend(q, as_bskh(keys), mask, bias, dropout_rate) == "reference"
-        )
+    _check_mask(mask)
+    extras_used = _check_extras(q, as_bskh(keys), **extras)
+    auto_dense = implementation == "auto" and (
+        extras_used or _auto_backend(q, as_bskh(keys), mask, bias, dropout_rate) == "reference"
     )
+    dense = implementation == "reference" or auto_dense
     if not dense:
         keys, values = write(k_new, v_new)
         return attention(q, as_bskh(keys), as_bskh(values), **kwargs), keys, values
 
-    _check_extras(q, as_bskh(keys), **extras)
-    if mask is not None and not isinstance(mask, AttentionMask):
-        raise TypeError(f"mask must be an xtx.ops.AttentionMask, got {type(mask).__name__}")
     if isinstance(bias, RelativeBias):
         bias.check(B, N, T, L)
     # Explicit dot_generals with the cache as the first operand of the scores and the
