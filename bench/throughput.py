@@ -113,7 +113,9 @@ _RULES = {
 }
 
 
-def time_xtx(module, params, batch, length, steps, vocab, implementation, parallel):
+def time_xtx(
+    module, params, batch, length, steps, vocab, implementation, parallel, profile_dir=None
+):
     import flax.linen as nn
     import jax
     import optax
@@ -171,10 +173,16 @@ def time_xtx(module, params, batch, length, steps, vocab, implementation, parall
     params, opt_state, loss = step(params, opt_state, x)
     loss.block_until_ready()
     first_step_s = time.perf_counter() - start  # trace + compile + the first step
-    start = time.perf_counter()
-    for _ in range(steps):
-        params, opt_state, loss = step(params, opt_state, x)
-    loss.block_until_ready()
+    profiling = (
+        jax.profiler.trace(profile_dir, create_perfetto_trace=True)
+        if profile_dir
+        else contextlib.nullcontext()
+    )
+    with profiling:
+        start = time.perf_counter()
+        for _ in range(steps):
+            params, opt_state, loss = step(params, opt_state, x)
+        loss.block_until_ready()
     return (time.perf_counter() - start) / steps, compile_s, first_step_s
 
 
@@ -207,6 +215,12 @@ def main(argv: list[str] | None = None) -> None:
         default="auto",
         choices=("auto", "single", "data", "tensor", "tensor_seq", "sequence"),
         help="xtx layout over the devices; auto: data when the batch splits, else sequence",
+    )
+    parser.add_argument(
+        "--profile",
+        default=None,
+        metavar="DIR",
+        help="write a profiler trace (TensorBoard / Perfetto) of xtx's timed steps under DIR",
     )
     args = parser.parse_args(argv)
     _set_cpu_devices(args.devices)
@@ -257,7 +271,17 @@ def main(argv: list[str] | None = None) -> None:
         parallel = _parallelism(batch, length, args.heads, jax.device_count(), args.parallel)
         for impl in impls:
             t_xtx, compile_s, first_s = time_xtx(
-                module, params, batch, length, args.steps, args.vocab, impl, parallel
+                module,
+                params,
+                batch,
+                length,
+                args.steps,
+                args.vocab,
+                impl,
+                parallel,
+                profile_dir=(
+                    os.path.join(args.profile, f"{batch}x{length}_{impl}") if args.profile else None
+                ),
             )
             row += (
                 f" {tokens / t_xtx:22.0f} {t_torch / t_xtx:6.2f} {compile_s:9.1f} {first_s:10.1f}"

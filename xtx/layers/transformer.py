@@ -48,6 +48,7 @@ from xtx.layers.position_bias import DynamicPositionBias
 from xtx.layers.residual import GRUGating, HyperConnection, Residual
 from xtx.layers.stack_config import LAYER_TYPES, AttentionLayersConfig
 from xtx.ops import alibi_slopes
+from xtx.ops.barriers import cotangent_barrier
 from xtx.ops.relative_bias import RelativeBias
 from xtx.ops.token_shift import shift_tokens
 
@@ -760,6 +761,9 @@ class AttentionLayers(nn.Module, metaclass=ConfiguredMeta):
         new_caches = {"a": [], "c": []}
         hiddens: list[Array] = []
         carry = _empty_carry()
+        # XLA:CPU would re-add the residual gradient's whole chain in every consumer
+        # (quadratic in depth); the barrier writes it once per sublayer. Exact identity.
+        barrier = jax.default_backend() == "cpu"
         for i in order:
             layer, layer_type = layers[i], layer_types[i]
             mem, layer_masks, cache_kwargs = None, masks, {}
@@ -795,6 +799,8 @@ class AttentionLayers(nn.Module, metaclass=ConfiguredMeta):
                     else jnp.where(skip, jnp.zeros_like(v) if carry[k] is None else carry[k], v)
                     for k, v in new_carry.items()
                 }
+            if barrier:
+                new_x = cotangent_barrier(new_x)
             x, carry = new_x, new_carry
         if self.is_initializing():
             # Sublayers left out of the execution order still own weights (x-transformers
