@@ -220,6 +220,31 @@ def _dropout_scale(rng, rate, qi, kj, n_kb, shape):
     return keep.astype(jnp.float32) / (1.0 - rate)
 
 
+def _query_rows(x: Array, qi, bq: int) -> Array:
+    """Query block ``qi`` of ``[B, K, G, Tp, ...]`` as ``[B, K, G * bq, ...]``."""
+    x = jax.lax.dynamic_slice_in_dim(x, qi * bq, bq, axis=3)
+    return x.reshape(*x.shape[:2], x.shape[2] * bq, *x.shape[4:])
+
+
+def _queries_major(x: Array, G: int) -> Array:
+    """``[B|1, K|1, G|1, bq, bk]`` -> ``[B|1, K|1, G * bq, bk]`` (row g * bq + q)."""
+    x = jnp.broadcast_to(x, (*x.shape[:2], G, *x.shape[3:]))
+    return x.reshape(*x.shape[:2], G * x.shape[3], x.shape[4])
+
+
+def _keys_major(x: Array, G: int) -> Array:
+    """``[B|1, K|1, G|1, bq, bk]`` -> ``[B|1, K|1, bk, G * bq]`` (column g * bq + q)."""
+    x = jnp.moveaxis(x, -1, 2)  # [B, K, bk, G|1, bq]
+    x = jnp.broadcast_to(x, (*x.shape[:3], G, x.shape[-1]))
+    return x.reshape(*x.shape[:3], G * x.shape[-1])
+
+
+def _key_blocks(x: Array, bk: int) -> Array:
+    """``[B, K, Sp, H]`` -> ``[Sp / bk, B, K, bk, H]``."""
+    B, K, Sp, H = x.shape
+    return jnp.moveaxis(x.reshape(B, K, Sp // bk, bk, H), 2, 0)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
 def _flash(q, k, v, mask, bias, rng, scale, bq, bk, shapes, rate):
     out, _ = _flash_fwd_impl(q, k, v, mask, bias, rng, scale, bq, bk, shapes, rate)
@@ -227,24 +252,36 @@ def _flash(q, k, v, mask, bias, rng, scale, bq, bk, shapes, rate):
 
 
 def _flash_fwd_impl(q, k, v, mask, bias, rng, scale, bq, bk, shapes, rate):
+    """Online softmax over key blocks, queries-major: ``s = q k^T``, ``acc += p v``.
+
+    The query groups of a kv head are folded into the query axis and the keys are cut
+    into transposed blocks once, so both matmuls read their operands as laid out.
+    """
     T, S = shapes
     K = k.shape[2]
     qh, kh, vh, kp, qseg, kseg, biasp = _prepare(q, k, v, mask, bias, bq, bk)
     B, _, G, Tp, H = qh.shape
     n_qb, n_kb = Tp // bq, kh.shape[2] // bk
+    kTblocks = jnp.swapaxes(_key_blocks(kh, bk), 3, 4)  # [n_kb, B, K, H, bk]
+    vblocks = _key_blocks(vh, bk)  # [n_kb, B, K, bk, H]
 
     def q_block(qi):
-        qb = jax.lax.dynamic_slice_in_dim(qh, qi * bq, bq, axis=3)
+        qb = _query_rows(qh, qi, bq)  # [B, K, G*bq, H]
 
         def body(masked):
             return functools.partial(step, masked)
 
         def step(masked, kj, carry):
             m, l, acc = carry
-            kb = jax.lax.dynamic_slice_in_dim(kh, kj * bk, bk, axis=2)
-            vb = jax.lax.dynamic_slice_in_dim(vh, kj * bk, bk, axis=2)
-            keep = _block_mask(mask, T, S, qi, kj, bq, bk, kp, qseg, kseg) if masked else None
-            s = _scores(qb, kb, scale, _block_bias(biasp, qi, kj, bq, bk, K, shapes), keep)
+            s = jnp.einsum("bkqh,bkhs->bkqs", qb, kTblocks[kj], preferred_element_type=jnp.float32)
+            s = s * scale
+            bias_b = _block_bias(biasp, qi, kj, bq, bk, K, shapes)
+            if bias_b is not None:
+                s = s + _queries_major(bias_b, G)
+            keep = None
+            if masked:
+                keep = _queries_major(_block_mask(mask, T, S, qi, kj, bq, bk, kp, qseg, kseg), G)
+                s = jnp.where(keep, s, _NEG)
             m_new = jnp.maximum(m, s.max(-1))
             p = jnp.exp(s - m_new[..., None])
             if masked:
@@ -252,22 +289,23 @@ def _flash_fwd_impl(q, k, v, mask, bias, rng, scale, bq, bk, shapes, rate):
             corr = jnp.exp(m - m_new)
             l = l * corr + p.sum(-1)
             # Dropout acts on the normalised probabilities: drop p, not the normaliser.
-            drop = _dropout_scale(rng, rate, qi, kj, n_kb, p.shape)
-            p_out = p if drop is None else p * drop
-            pv = jnp.einsum("bkgqs,bksh->bkgqh", p_out.astype(vb.dtype), vb)
+            drop = _dropout_scale(rng, rate, qi, kj, n_kb, (B, K, G, bq, bk))
+            p_out = p if drop is None else p * _queries_major(drop, G)
+            vb = vblocks[kj]
+            pv = jnp.einsum("bkqs,bksh->bkqh", p_out.astype(vb.dtype), vb)
             acc = acc * corr[..., None] + pv.astype(jnp.float32)
             return m_new, l, acc
 
         init = (
-            jnp.full((B, K, G, bq), _NEG, jnp.float32),
-            jnp.zeros((B, K, G, bq), jnp.float32),
-            jnp.zeros((B, K, G, bq, H), jnp.float32),
+            jnp.full((B, K, G * bq), _NEG, jnp.float32),
+            jnp.zeros((B, K, G * bq), jnp.float32),
+            jnp.zeros((B, K, G * bq, H), jnp.float32),
         )
         m, l, acc = _visit_key_blocks(mask, T, S, qi, bq, bk, body, init)
         seen = l > 0
         out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
         lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), jnp.inf)
-        return out, lse
+        return out.reshape(B, K, G, bq, H), lse.reshape(B, K, G, bq)
 
     outs, lses = jax.lax.map(q_block, jnp.arange(n_qb))  # [n_qb, B, K, G, bq, ...]
     out = jnp.moveaxis(outs, 0, 3).reshape(B, K, G, Tp, H)[:, :, :, :T]
@@ -281,6 +319,14 @@ def _flash_fwd(q, k, v, mask, bias, rng, scale, bq, bk, shapes, rate):
 
 
 def _flash_bwd(scale, bq, bk, shapes, rate, res, g):
+    """Recomputes each block's probabilities, keys-major.
+
+    Every block product is laid out as ``[keys, queries]`` (the query groups of a kv head
+    folded into the query axis) so that each matmul reads its operands in the layout
+    XLA's CPU kernels take without a transposing copy: ``s^T = k q^T``,
+    ``dv = p^T dO``, ``dp^T = v dO^T``, ``dk = ds^T q``, ``dq^T = k^T ds^T``. The
+    transposes of q and dO happen once per query block, of k once per call.
+    """
     q, k, v, mask, bias, rng, out, lse = res
     T, S = shapes
     K = k.shape[2]
@@ -292,48 +338,66 @@ def _flash_bwd(scale, bq, bk, shapes, rate, res, g):
     # rowsum(dO * O) equals rowsum(P * dP) with or without dropout (O = drop(P) V).
     delta = jnp.sum(do * o, axis=-1)  # [B, K, G, Tp]
     n_qb, n_kb = Tp // bq, Sp // bk
+    # Keys and values cut into blocks once, block index leading: each step reads one
+    # contiguous block (a strided slice of the minor axis cost more than the matmuls saved).
+    kblocks = _key_blocks(kh, bk)  # [n_kb, B, K, bk, H]
+    kTblocks = jnp.swapaxes(kblocks, 3, 4).astype(jnp.float32)  # [n_kb, B, K, H, bk]
+    vblocks = _key_blocks(vh, bk).astype(jnp.float32)
 
     def q_block(carry, qi):
         dk, dv, dbias = carry
-        qb = jax.lax.dynamic_slice_in_dim(qh, qi * bq, bq, axis=3)
-        dob = jax.lax.dynamic_slice_in_dim(do, qi * bq, bq, axis=3)
-        lseb = jax.lax.dynamic_slice_in_dim(lse, qi * bq, bq, axis=3)
-        deltab = jax.lax.dynamic_slice_in_dim(delta, qi * bq, bq, axis=3)
+        qb = _query_rows(qh, qi, bq)  # [B, K, G*bq, H]
+        qT = jnp.swapaxes(qb, 2, 3)
+        qb32 = qb.astype(jnp.float32)
+        dob = _query_rows(do, qi, bq)
+        doT = jnp.swapaxes(dob, 2, 3)
+        lseb = _query_rows(lse, qi, bq)[:, :, None]  # [B, K, 1, G*bq]
+        deltab = _query_rows(delta, qi, bq)[:, :, None]
 
         def body(masked):
             return functools.partial(step, masked)
 
         def step(masked, kj, inner):
-            dq, dk, dv, dbias = inner
-            kb = jax.lax.dynamic_slice_in_dim(kh, kj * bk, bk, axis=2)
-            vb = jax.lax.dynamic_slice_in_dim(vh, kj * bk, bk, axis=2)
-            keep = _block_mask(mask, T, S, qi, kj, bq, bk, kp, qseg, kseg) if masked else None
-            s = _scores(qb, kb, scale, _block_bias(biasp, qi, kj, bq, bk, K, shapes), keep)
-            p = jnp.exp(s - lseb[..., None])  # [B, K, G, bq, bk]
+            dqT, dk, dv, dbias = inner
+            kb, kbT, vb = kblocks[kj], kTblocks[kj], vblocks[kj]
+            sT = jnp.einsum("bksh,bkhq->bksq", kb, qT, preferred_element_type=jnp.float32)
+            sT = sT * scale
+            bias_b = _block_bias(biasp, qi, kj, bq, bk, K, shapes)
+            if bias_b is not None:
+                sT = sT + _keys_major(bias_b, G)
+            keepT = None
             if masked:
-                p = jnp.where(keep, p, 0.0)
-            drop = _dropout_scale(rng, rate, qi, kj, n_kb, p.shape)
-            dv_b = jnp.einsum("bkgqs,bkgqh->bksh", p if drop is None else p * drop, dob)
-            dp = jnp.einsum("bkgqh,bksh->bkgqs", dob, vb.astype(jnp.float32))
-            dp = dp if drop is None else dp * drop
-            ds = p * (dp - deltab[..., None])
-            dq = dq + jnp.einsum("bkgqs,bksh->bkgqh", ds, kb.astype(jnp.float32)) * scale
-            dk_b = jnp.einsum("bkgqs,bkgqh->bksh", ds, qb.astype(jnp.float32)) * scale
+                keepT = _keys_major(_block_mask(mask, T, S, qi, kj, bq, bk, kp, qseg, kseg), G)
+                sT = jnp.where(keepT, sT, _NEG)
+            pT = jnp.exp(sT - lseb)  # [B, K, bk, G*bq]
+            if masked:
+                pT = jnp.where(keepT, pT, 0.0)
+            drop = _dropout_scale(rng, rate, qi, kj, n_kb, (B, K, G, bq, bk))
+            dropT = None if drop is None else _keys_major(drop, G)
+            dv_b = jnp.einsum("bksq,bkqh->bksh", pT if dropT is None else pT * dropT, dob)
+            dpT = jnp.einsum("bksh,bkhq->bksq", vb, doT)
+            dpT = dpT if dropT is None else dpT * dropT
+            dsT = pT * (dpT - deltab)
+            dqT = dqT + jnp.einsum("bkhs,bksq->bkhq", kbT, dsT) * scale
+            dk_b = jnp.einsum("bksq,bkqh->bksh", dsT, qb32) * scale
             dk = jax.lax.dynamic_update_slice_in_dim(
                 dk, jax.lax.dynamic_slice_in_dim(dk, kj * bk, bk, axis=2) + dk_b, kj * bk, axis=2
             )
             dv = jax.lax.dynamic_update_slice_in_dim(
                 dv, jax.lax.dynamic_slice_in_dim(dv, kj * bk, bk, axis=2) + dv_b, kj * bk, axis=2
             )
-            if isinstance(biasp, RelativeBias):
-                ds_heads = ds.transpose(0, 2, 1, 3, 4).reshape(B, G * K, bq, bk)
-                dbias = biasp.block_grad(dbias, ds_heads, qi * bq, kj * bk, T, S)
-            elif dbias is not None:
-                dbias = _accumulate_bias_grad(dbias, ds, qi, kj, bq, bk, K)
-            return dq, dk, dv, dbias
+            if dbias is not None:
+                ds = jnp.moveaxis(dsT.reshape(B, K, bk, G, bq), 2, -1)  # [B, K, G, bq, bk]
+                if isinstance(biasp, RelativeBias):
+                    ds_heads = ds.transpose(0, 2, 1, 3, 4).reshape(B, G * K, bq, bk)
+                    dbias = biasp.block_grad(dbias, ds_heads, qi * bq, kj * bk, T, S)
+                else:
+                    dbias = _accumulate_bias_grad(dbias, ds, qi, kj, bq, bk, K)
+            return dqT, dk, dv, dbias
 
-        dq0 = jnp.zeros((B, K, G, bq, H), jnp.float32)
-        dq, dk, dv, dbias = _visit_key_blocks(mask, T, S, qi, bq, bk, body, (dq0, dk, dv, dbias))
+        dq0 = jnp.zeros((B, K, H, G * bq), jnp.float32)
+        dqT, dk, dv, dbias = _visit_key_blocks(mask, T, S, qi, bq, bk, body, (dq0, dk, dv, dbias))
+        dq = jnp.swapaxes(dqT, 2, 3).reshape(B, K, G, bq, H)
         return (dk, dv, dbias), dq
 
     dk0 = jnp.zeros((B, K, Sp, H), jnp.float32)
@@ -409,7 +473,7 @@ def blockwise_attention(
         so results depend on the block sizes (they are not the reference backend's
         draws; both are exact dropout with the same expectation).
       block_q, block_k: block sizes (clipped to the sequence lengths); default
-        ``default_block_size()``.
+        ``default_block_size`` of T and of S.
 
     Returns:
       ``[B, T, N, H]``.
@@ -423,8 +487,8 @@ def blockwise_attention(
         raise ValueError("the blockwise backend takes no explicit dense mask; use 'reference'")
     T, S, H = q.shape[1], k.shape[1], q.shape[-1]
     scale = H**-0.5 if scale is None else scale
-    bq = max(1, min(block_q or default_block_size(), T))
-    bk = max(1, min(block_k or default_block_size(), S))
+    bq = max(1, min(block_q or default_block_size(T), T))
+    bk = max(1, min(block_k or default_block_size(S), S))
     if isinstance(bias, RelativeBias):
         bias.check(q.shape[0], q.shape[2], T, S)
     elif bias is not None:
@@ -433,14 +497,18 @@ def blockwise_attention(
     return _flash(q, k, v, mask, bias, rng, float(scale), bq, bk, (T, S), float(dropout_rate))
 
 
-def default_block_size() -> int:
-    """64 on CPU, 128 elsewhere.
+def default_block_size(length: int | None = None) -> int:
+    """Block size along an axis of ``length`` tokens: on CPU 64 below 512, else 128;
+    128 elsewhere.
 
     Measured with ``python -m bench.attention`` on the project's 2-core CPU (causal,
-    fwd + bwd, 8 heads of 64): 64x64 blocks were 1.3-1.7x faster than 128x128 at 256
-    tokens and on par at 1024 and 4096. Accelerators want larger tiles.
+    fwd + bwd, 8 heads of 64, heads split over the two cores): 64x64 blocks were about
+    15% faster than 128x128 at 256 tokens, 128x128 about 8% faster at 512 and 15-20%
+    faster at 1024 and 4096. Accelerators want larger tiles.
     """
-    return 64 if jax.default_backend() == "cpu" else 128
+    if jax.default_backend() != "cpu":
+        return 128
+    return 64 if length is not None and length < 512 else 128
 
 
 def blockwise_supported(mask: AttentionMask | None) -> bool:
