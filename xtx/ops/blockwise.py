@@ -19,7 +19,12 @@ back into the table. Relative biases (T5, ALiBi, dynamic) then cost memory linea
 the sequence length too.
 
 Shapes: q ``[B, T, N, H]``, k/v ``[B, S, K, H]`` (N = G * K, query head i reads kv head
-i mod K), output ``[B, T, N, H]``. Inside, heads-major ``[B, K, G, T, H]``.
+i mod K), output ``[B, T, N, H]``. Inside, heads-major ``[B, K, G, T, H]``; within a
+block the G query heads that share a kv head are folded into one query axis of G * bq
+rows, so each block costs one matmul per product rather than G. Keys and values are cut
+into blocks (keys also transposed) once per call, and the backward pass works keys-major,
+so no matmul inside the loops waits on a transposing copy (XLA:CPU's matmul kernels take
+the contracting axis last on the left and first on the right).
 """
 
 from __future__ import annotations
@@ -198,14 +203,6 @@ def _prepare(q, k, v, mask, bias, bq, bk):
             bias = bias[None]
         bias = _pad_to(_pad_to(bias, 2, bq), 3, bk)
     return qh, kh, vh, kp, qseg, kseg, bias
-
-
-def _scores(qb, kb, scale, bias_b, keep):
-    """Masked float32 logits ``[B, K, G, bq, bk]``."""
-    s = jnp.einsum("bkgqh,bksh->bkgqs", qb, kb, preferred_element_type=jnp.float32) * scale
-    if bias_b is not None:
-        s = s + bias_b
-    return s if keep is None else jnp.where(keep, s, _NEG)
 
 
 def _dropout_scale(rng, rate, qi, kj, n_kb, shape):
