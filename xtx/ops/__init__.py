@@ -17,6 +17,7 @@ from xtx.ops.attention import (
     register_backend,
     softclamp,
 )
+from xtx.ops.barriers import cotangent_barrier
 from xtx.ops.blockwise import blockwise_attention
 from xtx.ops.entmax import entmax15
 from xtx.ops.losses import autoregressive_loss, cross_entropy
@@ -67,6 +68,7 @@ __all__ = [
     "blockwise_attention",
     "cached_attention",
     "contrastive_decode",
+    "cotangent_barrier",
     "cross_entropy",
     "decode_loop",
     "entmax15",
