@@ -236,6 +236,19 @@ def _keys_major(x: Array, G: int) -> Array:
     return x.reshape(*x.shape[:3], G * x.shape[-1])
 
 
+def _block_logits(spec, a, b, scale, bias_b, keep, layout, G):
+    """One block's scaled float32 logits ``einsum(spec, a, b)``, in ``layout``
+    (``_queries_major`` or ``_keys_major``), plus its bias; masked entries (``keep``, if
+    given) set to ``_NEG``. Returns the logits and the mask in the same layout."""
+    s = jnp.einsum(spec, a, b, preferred_element_type=jnp.float32) * scale
+    if bias_b is not None:
+        s = s + layout(bias_b, G)
+    if keep is None:
+        return s, None
+    keep = layout(keep, G)
+    return jnp.where(keep, s, _NEG), keep
+
+
 def _key_blocks(x: Array, bk: int) -> Array:
     """``[B, K, Sp, H]`` -> ``[Sp / bk, B, K, bk, H]``."""
     B, K, Sp, H = x.shape
@@ -270,15 +283,11 @@ def _flash_fwd_impl(q, k, v, mask, bias, rng, scale, bq, bk, shapes, rate):
 
         def step(masked, kj, carry):
             m, l, acc = carry
-            s = jnp.einsum("bkqh,bkhs->bkqs", qb, kTblocks[kj], preferred_element_type=jnp.float32)
-            s = s * scale
+            keep = _block_mask(mask, T, S, qi, kj, bq, bk, kp, qseg, kseg) if masked else None
             bias_b = _block_bias(biasp, qi, kj, bq, bk, K, shapes)
-            if bias_b is not None:
-                s = s + _queries_major(bias_b, G)
-            keep = None
-            if masked:
-                keep = _queries_major(_block_mask(mask, T, S, qi, kj, bq, bk, kp, qseg, kseg), G)
-                s = jnp.where(keep, s, _NEG)
+            s, keep = _block_logits(
+                "bkqh,bkhs->bkqs", qb, kTblocks[kj], scale, bias_b, keep, _queries_major, G
+            )
             m_new = jnp.maximum(m, s.max(-1))
             p = jnp.exp(s - m_new[..., None])
             if masked:
@@ -357,15 +366,11 @@ def _flash_bwd(scale, bq, bk, shapes, rate, res, g):
         def step(masked, kj, inner):
             dqT, dk, dv, dbias = inner
             kb, kbT, vb = kblocks[kj], kTblocks[kj], vblocks[kj]
-            sT = jnp.einsum("bksh,bkhq->bksq", kb, qT, preferred_element_type=jnp.float32)
-            sT = sT * scale
+            keep = _block_mask(mask, T, S, qi, kj, bq, bk, kp, qseg, kseg) if masked else None
             bias_b = _block_bias(biasp, qi, kj, bq, bk, K, shapes)
-            if bias_b is not None:
-                sT = sT + _keys_major(bias_b, G)
-            keepT = None
-            if masked:
-                keepT = _keys_major(_block_mask(mask, T, S, qi, kj, bq, bk, kp, qseg, kseg), G)
-                sT = jnp.where(keepT, sT, _NEG)
+            sT, keepT = _block_logits(
+                "bksh,bkhq->bksq", kb, qT, scale, bias_b, keep, _keys_major, G
+            )
             pT = jnp.exp(sT - lseb)  # [B, K, bk, G*bq]
             if masked:
                 pT = jnp.where(keepT, pT, 0.0)
