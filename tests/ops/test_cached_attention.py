@@ -9,6 +9,8 @@ and relative biases, every logit/probability extra and dropout.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -130,3 +132,56 @@ def test_bad_arguments_are_named():
         cached_attention(q, k, v, keys, values[:, :, :5], index)
     with pytest.raises(TypeError, match="unexpected keyword arguments \\['talking'\\]"):
         cached_attention(q, k, v, keys, values, index, talking=None)
+
+
+def _with_memory(T, index, M, mem_batch, kw, seed=5):
+    """cached_attention with memory key/values vs writing the cache, prepending the
+    memory to it and calling the reference (what the attention layer did before)."""
+    q, k, v, keys, values, index, _ = _inputs(T, int(index))
+    rng = np.random.default_rng(seed)
+    mem_k, mem_v = (
+        jnp.asarray(rng.standard_normal((mem_batch, M, K, H)), jnp.float32) for _ in range(2)
+    )
+    padding = np.ones((B, M + L), bool)
+    padding[1, M : M + 2] = False  # row 1 is left-padded behind the memory
+    mask = AttentionMask(causal=True, q_offset=index + M, key_padding=jnp.asarray(padding))
+
+    @jax.jit
+    def run(q, k, v, keys, values, index, mem_k, mem_v, mask):
+        got = cached_attention(q, k, v, keys, values, index, mask=mask, prefix=(mem_k, mem_v), **kw)
+        start = (0, 0, index, 0)
+        wk = jax.lax.dynamic_update_slice(keys, jnp.swapaxes(k, 1, 2), start)
+        wv = jax.lax.dynamic_update_slice(values, jnp.swapaxes(v, 1, 2), start)
+
+        def prepend(m, cache):
+            m = jnp.broadcast_to(m, (B, M, K, H))
+            return jnp.concatenate([m, jnp.swapaxes(cache, 1, 2)], axis=1)
+
+        ref_kw = dict(kw, implementation="reference")
+        want = attention(q, prepend(mem_k, wk), prepend(mem_v, wv), mask=mask, **ref_kw)
+        return got, (want, wk, wv)
+
+    (got, got_keys, got_values), (want, want_keys, want_values) = run(
+        q, k, v, keys, values, index, mem_k, mem_v, mask
+    )
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(got_keys), np.asarray(want_keys))
+    np.testing.assert_array_equal(np.asarray(got_values), np.asarray(want_values))
+
+
+def test_memory_key_values_scored_apart_from_the_cache():
+    # Shared memory, ALiBi over the positioned keys only, logits returned (dense path).
+    bias = RelativeBias.alibi(alibi_slopes(N), L, q_offset=jnp.int32(4))
+    bias = dataclasses.replace(bias, prefix=3)  # the memory leads the keys, unpositioned
+    _with_memory(T=1, index=4, M=3, mem_batch=1, kw={"bias": bias, "return_logits": True})
+    # Per-row memory, a chunk of tokens, the blockwise backend (write, then attend).
+    _with_memory(T=2, index=3, M=2, mem_batch=B, kw={"implementation": "blockwise"})
+    _with_memory(T=2, index=3, M=2, mem_batch=B, kw={})
+
+
+def test_bad_memory_key_values_are_named():
+    q, k, v, keys, values, index, mask = _inputs(1, 4)
+    bad = jnp.zeros((B, 2, K + 1, H))
+    with pytest.raises(ValueError, match=r"prefix k must have shape \[B\|1, M, K, H\]"):
+        cached_attention(q, k, v, keys, values, index, prefix=(bad, bad))

@@ -94,8 +94,7 @@ class LayerKVCache(NamedTuple):
     take them without a transpose (a copy of the whole cache per layer and step
     otherwise: 4x slower attention at 320 slots, batch 8, on CPU). The layer hands the
     cache to ``xtx.ops.cached_attention``, which reads it before writing the new tokens
-    (with memory key/values: written first, then ``xtx.ops.attention`` on a transposed
-    view, which XLA folds away).
+    (memory key/values go along as its ``prefix``, scored apart from the cache).
 
     Attributes:
       keys: ``[B, K, L, H]`` keys after rotary / qk-norm, L cache slots (a
@@ -332,21 +331,10 @@ class Attention(nn.Module):
             new_cache = LayerKVCache(heads_major(k), heads_major(values))  # what a decoder caches
         if cfg.collab_heads:
             k = jnp.broadcast_to(k, (B, S, N, k.shape[-1]))  # every head reads the shared keys
-        # A cache without memory key/values goes to ``cached_attention``, which reads the
-        # old cache and writes the new tokens last; with them, the written cache (and the
-        # memory key/values before it) goes through ``attention``.
-        fused_cache = self_cache is not None and not cfg.num_mem_kv
-        if self_cache is not None and not fused_cache:
-            start = (0, 0, cache_index, 0)
-            k = jax.lax.dynamic_update_slice(
-                self_cache.keys, heads_major(k).astype(self_cache.keys.dtype), start
-            )
-            v = jax.lax.dynamic_update_slice(
-                self_cache.values, heads_major(v).astype(self_cache.values.dtype), start
-            )
-            new_cache = LayerKVCache(k, v)  # [B, K, L, H]
-            k, v = heads_major(k).astype(q.dtype), heads_major(v).astype(q.dtype)  # [B, L, K, H]
-            S = k.shape[1]
+        # A self-attention cache goes to ``cached_attention``, which reads the old cache
+        # and writes the new tokens last; memory key/values are handed to it apart.
+        fused_cache = self_cache is not None
+        mem_prefix = None
 
         if cfg.num_mem_kv:
             M = cfg.num_mem_kv
@@ -361,7 +349,10 @@ class Attention(nn.Module):
                 m = jnp.broadcast_to(jnp.swapaxes(m, 0, 1)[None], (B, M, K, H))
                 return jnp.concatenate([m.astype(t.dtype), t], axis=1)
 
-            k, v = prepend(k, mem_k), prepend(v, mem_v)
+            if fused_cache:
+                mem_prefix = tuple(jnp.swapaxes(m, 0, 1)[None] for m in (mem_k, mem_v))
+            else:
+                k, v = prepend(k, mem_k), prepend(v, mem_v)
             if key_mask is not None:
                 key_mask = pad_keys(key_mask, M)
             if isinstance(bias, RelativeBias):
@@ -418,7 +409,14 @@ class Attention(nn.Module):
         )
         if fused_cache:
             out, *cache_parts = cached_attention(
-                q, k, v, self_cache.keys, self_cache.values, cache_index, **attention_kwargs
+                q,
+                k,
+                v,
+                self_cache.keys,
+                self_cache.values,
+                cache_index,
+                prefix=mem_prefix,
+                **attention_kwargs,
             )
             new_cache = LayerKVCache(*cache_parts)
         else:

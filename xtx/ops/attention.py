@@ -579,6 +579,7 @@ def cached_attention(
     dropout_rate: float = 0.0,
     dropout_rng: Array | None = None,
     implementation: str = "auto",
+    prefix: tuple[Array, Array] | None = None,
     **extras: Any,
 ) -> tuple[Array | tuple[Array, Array], Array, Array]:
     """Attention of T new tokens over a fixed-size key/value cache they extend.
@@ -600,7 +601,11 @@ def cached_attention(
       values: the value cache ``[B, K, L, H]``.
       index: int32 ``[]``: the slot of the first new token.
       mask, bias, scale, dropout_rate, dropout_rng, implementation, and the extras
-        (``prev_logits`` ... ``return_logits``): as for ``attention``, over the L slots.
+        (``prev_logits`` ... ``return_logits``): as for ``attention``, over the L slots
+        (over M + L keys, memory first, with ``prefix``).
+      prefix: optional memory key/values ``(k, v)``, each ``[B|1, M, K, H]``, attended
+        before the cache (persistent memory, 1907.01470). The dense path scores them
+        apart and never concatenates them with the cache.
 
     Returns:
       ``(attention's result, keys, values)`` with the updated caches.
@@ -621,6 +626,17 @@ def cached_attention(
             f"keys and values must have shape [B, K, L, H] = {(B, K, L, H)}, "
             f"got {keys.shape} and {values.shape}"
         )
+    M = 0
+    if prefix is not None:
+        mem_k, mem_v = prefix
+        M = mem_k.shape[1] if mem_k.ndim == 4 else -1
+        for name, m in (("k", mem_k), ("v", mem_v)):
+            if m.ndim != 4 or m.shape[0] not in (1, B) or m.shape[1:] != (M, K, H):
+                raise ValueError(
+                    f"prefix {name} must have shape [B|1, M, K, H] with B={B}, K={K}, H={H} "
+                    f"(and k, v alike), got {tuple(m.shape)}"
+                )
+        mem_k, mem_v = (jnp.broadcast_to(m, (B, M, K, H)).astype(q.dtype) for m in prefix)
     k_new, v_new = k_new.astype(keys.dtype), v_new.astype(values.dtype)
     start = (0, 0, index, 0)
 
@@ -631,7 +647,12 @@ def cached_attention(
         )
 
     def as_bskh(cache):
-        return jnp.swapaxes(cache, 1, 2).astype(q.dtype)
+        cache = jnp.swapaxes(cache, 1, 2).astype(q.dtype)
+        return cache if prefix is None else jnp.concatenate([mem_k, cache], axis=1)
+
+    def as_values(cache):
+        cache = jnp.swapaxes(cache, 1, 2).astype(q.dtype)
+        return cache if prefix is None else jnp.concatenate([mem_v, cache], axis=1)
 
     kwargs = dict(
         mask=mask,
@@ -643,17 +664,18 @@ def cached_attention(
         **extras,
     )
     _check_mask(mask)
-    extras_used = _check_extras(q, as_bskh(keys), **extras)
+    all_keys = jax.ShapeDtypeStruct((B, M + L, K, H), q.dtype)  # what attention would see
+    extras_used = _check_extras(q, all_keys, **extras)
     auto_dense = implementation == "auto" and (
-        extras_used or _auto_backend(q, as_bskh(keys), mask, bias, dropout_rate) == "reference"
+        extras_used or _auto_backend(q, all_keys, mask, bias, dropout_rate) == "reference"
     )
     dense = implementation == "reference" or auto_dense
     if not dense:
         keys, values = write(k_new, v_new)
-        return attention(q, as_bskh(keys), as_bskh(values), **kwargs), keys, values
+        return attention(q, as_bskh(keys), as_values(values), **kwargs), keys, values
 
     if isinstance(bias, RelativeBias):
-        bias.check(B, N, T, L)
+        bias.check(B, N, T, M + L)
     # Explicit dot_generals with the cache as the first operand of the scores and the
     # second of the weighted sum, each contracting its natural axis: XLA's CPU dots then
     # read the [B, K, L, H] cache in place (einsum let it pick orders that transpose it).
@@ -665,9 +687,14 @@ def cached_attention(
     raw = jax.lax.dot_general(cached_k, qk, (((3,), (3,)), batch_kv), preferred_element_type=f32)
     fresh = jax.lax.dot_general(fresh_k, qk, (((3,), (3,)), batch_kv), preferred_element_type=f32)
     raw = jax.lax.dynamic_update_slice(raw, fresh, (0, 0, index, 0))  # [B, K, L, T * G]
-    raw = raw.reshape(B, K, L, T, G).transpose(0, 4, 1, 3, 2)  # [B, G, K, T, L]
+    if prefix is not None:  # memory keys first, scored apart: [B, K, M + L, T * G]
+        mk = jnp.swapaxes(mem_k, 1, 2)
+        mem = jax.lax.dot_general(mk, qk, (((3,), (3,)), batch_kv), preferred_element_type=f32)
+        raw = jnp.concatenate([mem, raw], axis=2)
+    S = M + L
+    raw = raw.reshape(B, K, S, T, G).transpose(0, 4, 1, 3, 2)  # [B, G, K, T, S]
     logits, dense_mask = _finish_logits(
-        raw.reshape(B, N, T, L),
+        raw.reshape(B, N, T, S),
         mask=mask,
         bias=bias,
         scale=H**-0.5 if scale is None else scale,
@@ -685,12 +712,17 @@ def cached_attention(
         post_talking_heads=extras["post_talking_heads"],
     )
     cached_v, fresh_v = values.astype(q.dtype), jnp.swapaxes(v_new, 1, 2).astype(q.dtype)
-    pg = probs.astype(q.dtype).reshape(B, G, K, T, L).transpose(0, 2, 3, 1, 4)
-    pg = pg.reshape(B, K, T * G, L)
+    pg = probs.astype(q.dtype).reshape(B, G, K, T, S).transpose(0, 2, 3, 1, 4)
+    pg = pg.reshape(B, K, T * G, S)
+    if prefix is not None:
+        p_mem, pg = pg[..., :M], pg[..., M:]
     p_new = jax.lax.dynamic_slice_in_dim(pg, index, T, axis=-1)  # [B, K, T * G, T]
     p_old = jax.lax.dynamic_update_slice(pg, jnp.zeros_like(p_new), (0, 0, 0, index))
     out = jax.lax.dot_general(p_old, cached_v, (((3,), (2,)), batch_kv))
     out = out + jax.lax.dot_general(p_new, fresh_v, (((3,), (2,)), batch_kv))  # [B, K, TG, H]
+    if prefix is not None:
+        mv = jnp.swapaxes(mem_v, 1, 2)  # [B, K, M, H]
+        out = out + jax.lax.dot_general(p_mem, mv, (((3,), (2,)), batch_kv))
     out = out.reshape(B, K, T, G, H).transpose(0, 2, 3, 1, 4)  # [B, T, G, K, H]
     out = _zero_keyless_rows(out.reshape(B, T, N, H), dense_mask)
     # Written last, and made to depend on the output so that XLA orders it so.
