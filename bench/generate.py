@@ -67,6 +67,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
     parser.add_argument("--repeats", type=int, default=2, help="timed calls; the best counts")
     parser.add_argument("--no-torch", action="store_true", help="time xtx only")
+    parser.add_argument(
+        "--num-mem-kv", type=int, default=0, help="memory key/values per layer (attn_num_mem_kv)"
+    )
     args = parser.parse_args(argv)
 
     import jax
@@ -83,7 +86,11 @@ def main(argv: list[str] | None = None) -> None:
         num_tokens=args.vocab,
         max_seq_len=max_len,
         attn_layers=xt.Decoder(
-            dim=args.dim, depth=args.depth, heads=args.heads, rotary_pos_emb=True
+            dim=args.dim,
+            depth=args.depth,
+            heads=args.heads,
+            rotary_pos_emb=True,
+            attn_num_mem_kv=args.num_mem_kv,
         ),
     ).eval()
     torch_wrapper = xt.AutoregressiveWrapper(net)
