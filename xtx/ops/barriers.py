@@ -26,15 +26,20 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
-_ONE_BITS = {jnp.dtype(jnp.float32): (jnp.uint32, 0x3F800000)}
+# The bit pattern of 1.0 in each float type, and the unsigned int type of its width.
+_ONE_BITS = {
+    jnp.dtype(jnp.float32): (jnp.uint32, 0x3F800000),
+    jnp.dtype(jnp.bfloat16): (jnp.uint16, 0x3F80),
+    jnp.dtype(jnp.float16): (jnp.uint16, 0x3C00),
+}
 
 
 @jax.custom_vjp
 def cotangent_barrier(x: Array) -> Array:
     """Identity; in the backward pass its cotangent is materialised once (see module doc).
 
-    Only float32 cotangents are touched (the chain this fixes is float32 on the
-    platforms where it matters); others pass through unchanged.
+    float32, bfloat16 and float16 cotangents go through the division; others (float64)
+    pass through unchanged.
     """
     return x
 
