@@ -1,5 +1,6 @@
 """cotangent_barrier: an exact identity that stops XLA:CPU re-adding a residual chain."""
 
+import functools
 import re
 
 import jax
@@ -30,6 +31,7 @@ def test_identity_forward_and_backward_bit_for_bit(dtype):
     np.testing.assert_array_equal(_bits(dx_jit), _bits(g))
 
 
+@functools.cache
 def _stack_grad(depth):
     """The jitted training gradient of an unrolled stack, and its parameters."""
     model = TransformerWrapper(
@@ -48,7 +50,7 @@ def test_stack_gradient_unchanged(monkeypatch):
     grad, params = _stack_grad(2)
     with_barrier = grad(params)
     monkeypatch.setattr("xtx.layers.transformer.cotangent_barrier", lambda x: x)
-    grad, params = _stack_grad(2)
+    grad, params = _stack_grad.__wrapped__(2)  # traced anew, without the barrier
     without = grad(params)
     # The cotangents are equal bit for bit; a reduction over one (a bias gradient) may
     # sum in another order once it reads a written buffer: float32 rounding, no more.
@@ -74,5 +76,5 @@ def _max_fusion_operands(depth):
 def test_residual_gradient_chain_does_not_grow_with_depth():
     # Without the barrier the fusion that consumes the residual gradient at the bottom
     # of the stack re-adds one term per sublayer above it: its operand count grows with
-    # depth (119 operands at depth 6 where depth 2 needs 46). With it, it stays flat.
-    assert _max_fusion_operands(5) <= _max_fusion_operands(2)
+    # depth (83 operands at depth 4 where depth 2 needs 46). With it, it stays flat.
+    assert _max_fusion_operands(4) <= _max_fusion_operands(2)
