@@ -626,7 +626,7 @@ def cached_attention(
             f"keys and values must have shape [B, K, L, H] = {(B, K, L, H)}, "
             f"got {keys.shape} and {values.shape}"
         )
-    M = 0
+    M, mem_k, mem_v = 0, None, None
     if prefix is not None:
         mem_k, mem_v = prefix
         M = mem_k.shape[1] if mem_k.ndim == 4 else -1
@@ -646,13 +646,9 @@ def cached_attention(
             jax.lax.dynamic_update_slice(values, jnp.swapaxes(v_new, 1, 2), start),
         )
 
-    def as_bskh(cache):
+    def as_bskh(cache, memory=None):  # [B, K, L, H] -> [B, (M +) L, K, H]
         cache = jnp.swapaxes(cache, 1, 2).astype(q.dtype)
-        return cache if prefix is None else jnp.concatenate([mem_k, cache], axis=1)
-
-    def as_values(cache):
-        cache = jnp.swapaxes(cache, 1, 2).astype(q.dtype)
-        return cache if prefix is None else jnp.concatenate([mem_v, cache], axis=1)
+        return cache if memory is None else jnp.concatenate([memory, cache], axis=1)
 
     kwargs = dict(
         mask=mask,
@@ -672,7 +668,8 @@ def cached_attention(
     dense = implementation == "reference" or auto_dense
     if not dense:
         keys, values = write(k_new, v_new)
-        return attention(q, as_bskh(keys), as_values(values), **kwargs), keys, values
+        k_all, v_all = as_bskh(keys, mem_k), as_bskh(values, mem_v)
+        return attention(q, k_all, v_all, **kwargs), keys, values
 
     if isinstance(bias, RelativeBias):
         bias.check(B, N, T, M + L)
