@@ -345,14 +345,13 @@ class Attention(nn.Module):
             if norm_mem_k is not None:
                 mem_k = norm_mem_k(mem_k)
 
-            def prepend(t, m):
-                m = jnp.broadcast_to(jnp.swapaxes(m, 0, 1)[None], (B, M, K, H))
-                return jnp.concatenate([m.astype(t.dtype), t], axis=1)
-
-            if fused_cache:
-                mem_prefix = tuple(jnp.swapaxes(m, 0, 1)[None] for m in (mem_k, mem_v))
-            else:
-                k, v = prepend(k, mem_k), prepend(v, mem_v)
+            mem_prefix = tuple(jnp.swapaxes(m, 0, 1)[None] for m in (mem_k, mem_v))  # [1,M,K,H]
+            if not fused_cache:  # the cache path hands them to cached_attention apart
+                k, v = (
+                    jnp.concatenate([jnp.broadcast_to(m, (B, M, K, H)).astype(t.dtype), t], axis=1)
+                    for m, t in zip(mem_prefix, (k, v), strict=True)
+                )
+                mem_prefix = None
             if key_mask is not None:
                 key_mask = pad_keys(key_mask, M)
             if isinstance(bias, RelativeBias):
