@@ -45,7 +45,6 @@ from xtx.layers.norms import Norm
 from xtx.models.gallery_common import (
     check_batch_size,
     config_from_keywords,
-    token_embedding,
 )
 from xtx.models.transformer_xl import (
     TransformerXLConfig,
@@ -55,6 +54,8 @@ from xtx.models.transformer_xl import (
     _next_state,
     _rel_biases,
     clear_rows,
+    rotate_over_memory,
+    xl_embed,
 )
 from xtx.ops import AttentionMask, RelativeBias, attention
 
@@ -166,20 +167,25 @@ class RecurrentLayer(nn.Module):
         k_st, v_st = proj("state_to_k")(hs), proj("state_to_v")(hs)
         q_self, q_cross = proj("to_q_self")(h[:, -W:]), proj("to_q_cross")(h[:, -W:])
         qs_self, qs_cross = proj("state_to_q_self")(hs), proj("state_to_q_cross")(hs)
-        buckets = self.param(
-            "rel_pos",
-            nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, HEADS)),
-            (cfg.num_buckets, N),
-        )
         t5 = dict(num_buckets=cfg.num_buckets, max_distance=cfg.max_distance)
+        if cfg.position == "rotary":  # on copies: the state's queries and keys have no position
+            (q_tok, k_self), token_bias = rotate_over_memory(q_self, k_tok), None
+        else:
+            buckets = self.param(
+                "rel_pos",
+                nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, HEADS)),
+                (cfg.num_buckets, N),
+            )
+            q_tok, k_self = q_self, k_tok
+            token_bias = RelativeBias.t5(buckets, causal=True, **t5)
         token_self = attention(
-            q_self,
-            k_tok,
+            q_tok,
+            k_self,
             v_tok,
             mask=AttentionMask(
                 causal=True, key_padding=jnp.concatenate([mem_valid, jnp.ones((B, W), bool)], 1)
             ),
-            bias=RelativeBias.t5(buckets, causal=True, **t5),
+            bias=token_bias,
             implementation=cfg.attn_implementation,
         )
         token_cross = attention(q_cross, k_st, v_st, implementation=cfg.attn_implementation)
@@ -230,7 +236,7 @@ class _BlockStep(nn.Module):
             cut = count % cfg.state_grad_blocks == 0
             state = jnp.where(cut, jax.lax.stop_gradient(state), state)
         u = v = None
-        if not cfg.untie_r:
+        if not cfg.untie_r and cfg.position == "relative":
             u, v = _rel_biases(self, cfg)
         hiddens = []
         for i in range(cfg.depth):
@@ -302,8 +308,7 @@ class BlockRecurrentTransformer(nn.Module, metaclass=ConfiguredMeta):
             (cfg.num_state, cfg.dim),
         )
         rec = jnp.where(fresh[:, None, None], initial[None], state.state)
-        embed = token_embedding(self, cfg.num_tokens, cfg.dim)
-        x = jnp.take(embed, tokens, axis=0) * cfg.dim**0.5
+        x = xl_embed(self, cfg, tokens)
         blocks = jnp.moveaxis(x.reshape(B, T // W, W, cfg.dim), 1, 0)  # [n, B, W, D]
         scan = nn.scan(
             _BlockStep,

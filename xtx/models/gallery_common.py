@@ -47,10 +47,21 @@ def check_reset(reset: Any, B: int) -> None:
         raise ValueError(f"reset must be bool [B] = ({B},), got shape {tuple(jnp.shape(reset))}")
 
 
-def token_embedding(module: nn.Module, num_tokens: int, dim: int) -> Array:
-    """The ``[num_tokens, dim]`` embedding table ``token_emb`` (N(0, 1) initialised)."""
+def token_embedding(module: nn.Module, num_tokens: int, dim: int, std: float = 1.0) -> Array:
+    """The ``[num_tokens, dim]`` embedding table ``token_emb``, N(0, ``std``) initialised."""
     return module.param(
         "token_emb",
-        nn.with_logical_partitioning(nn.initializers.normal(1.0), (VOCAB, EMBED)),
+        nn.with_logical_partitioning(nn.initializers.normal(std), (VOCAB, EMBED)),
         (num_tokens, dim),
     )
+
+
+ABSOLUTE_POSITIONS = ("sinusoidal", "rotary")
+
+
+def check_position(position: Any) -> None:
+    """``position`` of the models whose paper adds absolute sinusoidal positions."""
+    if position not in ABSOLUTE_POSITIONS:
+        raise ValueError(
+            f"position must be one of {', '.join(map(repr, ABSOLUTE_POSITIONS))}, got {position!r}"
+        )

@@ -45,12 +45,13 @@ from xtx.layers.base import (
 from xtx.layers.norms import Norm
 from xtx.models.gallery_common import (
     check_batch_size,
+    check_position,
     check_reset,
     check_tokens,
     config_from_keywords,
     token_embedding,
 )
-from xtx.ops import AttentionMask, attention, sinusoidal_embedding
+from xtx.ops import AttentionMask, apply_rotary, attention, sinusoidal_embedding
 from xtx.ops.attention import reference_attention
 
 Array = jax.Array
@@ -76,6 +77,11 @@ class LongformerConfig(Config):
       max_seq_len: longest sequence (learned absolute positions are not used: the
         positions are sinusoidal, this only bounds the input).
       ff_mult, dropout: feedforward width multiplier and dropout.
+      position: ``"sinusoidal"`` (absolute positions added to the embeddings, the
+        paper's) or ``"rotary"`` (RoPE on every window's queries and keys).
+      emb_std: standard deviation of the token embedding table's init (1.0; the
+        plain decoder's ``sqrt(2 / dim)`` trains faster with pre-norm layers, whose
+        updates are small next to a unit-variance residual stream).
       attn_implementation: ``xtx.ops.attention`` backend for the windows.
     """
 
@@ -90,6 +96,8 @@ class LongformerConfig(Config):
     max_seq_len: int = 65536
     ff_mult: int = 4
     dropout: float = 0.0
+    position: str = "sinusoidal"
+    emb_std: float = 1.0
     attn_implementation: str = "auto"
 
     def __post_init__(self):
@@ -99,6 +107,9 @@ class LongformerConfig(Config):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.dim % self.heads or self.dim % 2:
             raise ValueError(f"dim ({self.dim}) must be even and divisible by heads")
+        check_position(self.position)
+        if not self.emb_std > 0:
+            raise ValueError(f"emb_std must be > 0, got {self.emb_std!r}")
         windows = self.layer_windows
         if len(windows) != self.depth or any(not isinstance(w, int) or w < 1 for w in windows):
             raise ValueError(
@@ -137,11 +148,14 @@ class LongformerConfig(Config):
         return (tuple(d),) * self.depth
 
 
-def _window_attention(q, k, v, *, dilation, window, causal, prefix, implementation):
+def _window_attention(
+    q, k, v, *, dilation, window, causal, prefix, implementation, segment_ids=None
+):
     """Local attention of one group of heads that share a dilation.
 
     q, k, v: ``[B, T, n, H]``; ``prefix``: ``(keys [B, G, n, H], values, valid [B, G],
-    local_valid [B, T])`` or None. Returns ``[B, T, n, H]``.
+    local_valid [B, T])`` or None; ``segment_ids``: int ``[B, T]`` or None (a token sees
+    only its own document's tokens). Returns ``[B, T, n, H]``.
     """
     B, T, n, H = q.shape
     d = dilation
@@ -164,7 +178,14 @@ def _window_attention(q, k, v, *, dilation, window, causal, prefix, implementati
         ks = jnp.concatenate([rep(gk), ks], axis=1)
         vs = jnp.concatenate([rep(gv), vs], axis=1)
         key_valid = jnp.concatenate([rep(g_valid), key_valid], axis=1)
-    mask = AttentionMask(window=(window, 0 if causal else window), key_padding=key_valid, prefix=G)
+    seg = None if segment_ids is None else split(segment_ids)
+    mask = AttentionMask(
+        window=(window, 0 if causal else window),
+        key_padding=key_valid,
+        prefix=G,
+        q_segment_ids=seg,
+        kv_segment_ids=seg,
+    )
     out = attention(qs, ks, vs, mask=mask, implementation=implementation)  # [B*d, Tp/d, n, H]
     out = jnp.moveaxis(out.reshape(B, d, Tp // d, n, H), 1, 2).reshape(B, Tp, n, H)
     return out[:, :T]
@@ -177,8 +198,9 @@ class LongformerAttention(nn.Module):
     layer: int = 0
 
     @nn.compact
-    def __call__(self, x, global_idx=None, global_valid=None):
-        """``x [B, T, D]``; ``global_idx`` int ``[B, G]`` positions, ``global_valid [B, G]``."""
+    def __call__(self, x, global_idx=None, global_valid=None, segment_ids=None):
+        """``x [B, T, D]``; ``global_idx`` int ``[B, G]`` positions, ``global_valid [B, G]``;
+        ``segment_ids`` int ``[B, T]`` (packed documents)."""
         cfg = self.config
         N, D = cfg.heads, cfg.dim
         H = D // N
@@ -186,6 +208,8 @@ class LongformerAttention(nn.Module):
         q = proj("to_q")(x)
         k, v = proj("to_k")(x), proj("to_v")(x)
         B, T = x.shape[:2]
+        if cfg.position == "rotary":
+            q, k = apply_rotary(q, jnp.arange(T)), apply_rotary(k, jnp.arange(T))
         prefix = None
         if global_idx is not None:
             take = lambda a: jnp.take_along_axis(a, global_idx[:, :, None, None], axis=1)  # noqa: E731
@@ -210,6 +234,7 @@ class LongformerAttention(nn.Module):
                 causal=cfg.causal,
                 prefix=sub_prefix,
                 implementation=cfg.attn_implementation,
+                segment_ids=segment_ids,
             )
             out = out.at[:, :, heads].set(o)
         if global_idx is not None:
@@ -250,6 +275,7 @@ class Longformer(nn.Module, metaclass=ConfiguredMeta):
         state: LongformerState | None = None,
         reset: Array | None = None,
         global_mask: Array | None = None,
+        segment_ids: Array | None = None,
         deterministic: bool = True,
     ) -> tuple[Array, LongformerState]:
         """Logits ``[B, T, V]`` and the (empty) state.
@@ -267,6 +293,7 @@ class Longformer(nn.Module, metaclass=ConfiguredMeta):
         if state is not None and not isinstance(state, LongformerState):
             raise TypeError(f"state must be a LongformerState, got {type(state).__name__}")
         check_reset(reset, B)
+        segment_ids = _check_segment_ids(segment_ids, B, T, global_mask)
         global_idx = global_valid = None
         if global_mask is not None:
             if not cfg.max_global:
@@ -280,12 +307,16 @@ class Longformer(nn.Module, metaclass=ConfiguredMeta):
             # The first G marked positions of each row, in order (stable sort on ~mask).
             global_idx = jnp.argsort(~global_mask, axis=1, stable=True)[:, :G]
             global_valid = jnp.take_along_axis(global_mask, global_idx, axis=1)
-        embed = token_embedding(self, cfg.num_tokens, cfg.dim)
-        x = jnp.take(embed, tokens, axis=0) + sinusoidal_embedding(jnp.arange(T), cfg.dim)
+        embed = token_embedding(self, cfg.num_tokens, cfg.dim, std=cfg.emb_std)
+        x = jnp.take(embed, tokens, axis=0)
+        if cfg.position == "sinusoidal":
+            x = x + sinusoidal_embedding(jnp.arange(T), cfg.dim)
         x = dropout(self, x, cfg.dropout, deterministic)
         for i in range(cfg.depth):
             h = Norm("layernorm", name=f"attn_norm_{i}")(x)
-            h = LongformerAttention(cfg, i, name=f"attn_{i}")(h, global_idx, global_valid)
+            h = LongformerAttention(cfg, i, name=f"attn_{i}")(
+                h, global_idx, global_valid, segment_ids
+            )
             x = x + dropout(self, h, cfg.dropout, deterministic)
             h = Norm("layernorm", name=f"ff_norm_{i}")(x)
             h = Projection(
@@ -301,3 +332,21 @@ class Longformer(nn.Module, metaclass=ConfiguredMeta):
             x
         )
         return logits, LongformerState()
+
+
+def _check_segment_ids(segment_ids, B: int, T: int, global_mask) -> Array | None:
+    if segment_ids is None:
+        return None
+    if tuple(jnp.shape(segment_ids)) != (B, T) or not jnp.issubdtype(
+        jnp.asarray(segment_ids).dtype, jnp.integer
+    ):
+        raise ValueError(
+            f"segment_ids must be int [B, T] = {(B, T)}, got "
+            f"{jnp.asarray(segment_ids).dtype} {tuple(jnp.shape(segment_ids))}"
+        )
+    if global_mask is not None:
+        raise ValueError(
+            "segment_ids and global_mask cannot be combined: global tokens attend to the "
+            "whole row, across documents"
+        )
+    return jnp.asarray(segment_ids, jnp.int32)

@@ -33,7 +33,6 @@ from xtx.layers.norms import Norm
 from xtx.models.gallery_common import (
     check_batch_size,
     config_from_keywords,
-    token_embedding,
 )
 from xtx.models.transformer_xl import (
     TransformerXLConfig,
@@ -43,6 +42,9 @@ from xtx.models.transformer_xl import (
     _next_state,
     _rel_biases,
     clear_rows,
+    ff_activation,
+    rotate_over_memory,
+    xl_embed,
 )
 from xtx.ops import AttentionMask, RelativeBias, attention, l2_normalize
 
@@ -131,22 +133,31 @@ class KNNAttention(nn.Module):
             (N,),
         )
         qs = q * jnp.exp(log_scale)[:, None].astype(q.dtype)
-        buckets = self.param(
-            "rel_pos",
-            nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, HEADS)),
-            (cfg.num_buckets, N),
-        )
+        buckets = None
+        if cfg.position == "relative":
+            buckets = self.param(
+                "rel_pos",
+                nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, HEADS)),
+                (cfg.num_buckets, N),
+            )
+        # Rotary positions (when chosen) reach the local attention only: the kNN memory
+        # stores and retrieves the position-free keys, as in the paper.
+        q_local, k_local, bias = qs, k, None
+        if cfg.position == "rotary":
+            q_local, k_local = rotate_over_memory(qs, k)
+        else:
+            bias = RelativeBias.t5(
+                buckets, causal=True, num_buckets=cfg.num_buckets, max_distance=cfg.max_distance
+            )
         local = attention(
-            qs,
-            k,
+            q_local,
+            k_local,
             v,
             mask=AttentionMask(
                 causal=True,
                 key_padding=jnp.concatenate([mem_valid, jnp.ones((B, T), bool)], axis=1),
             ),
-            bias=RelativeBias.t5(
-                buckets, causal=True, num_buckets=cfg.num_buckets, max_distance=cfg.max_distance
-            ),
+            bias=bias,
             scale=1.0,
             implementation=cfg.attn_implementation,
         )
@@ -204,11 +215,11 @@ class KNNLayer(nn.Module):
                 attn_norm(x), attn_norm(mem), mem_valid, knn
             )
             x = x + dropout(self, branch, cfg.dropout, deterministic)
-            h = dropout(self, jax.nn.relu(ff_in(ff_norm(x))), cfg.dropout, deterministic)
+            h = dropout(self, ff_activation(cfg, ff_in(ff_norm(x))), cfg.dropout, deterministic)
             return x + dropout(self, ff_out(h), cfg.dropout, deterministic), knn
         branch, knn = KNNAttention(cfg, name="attn")(x, mem, mem_valid, knn)
         x = attn_norm(x + dropout(self, branch, cfg.dropout, deterministic))
-        h = dropout(self, jax.nn.relu(ff_in(x)), cfg.dropout, deterministic)
+        h = dropout(self, ff_activation(cfg, ff_in(x)), cfg.dropout, deterministic)
         return ff_norm(x + dropout(self, ff_out(h), cfg.dropout, deterministic)), knn
 
 
@@ -276,12 +287,9 @@ class MemorizingTransformer(nn.Module, metaclass=ConfiguredMeta):
                 valid=knn.valid & keep[:, None],
                 pointer=jnp.where(keep, knn.pointer, 0),
             )
-        embed = token_embedding(self, cfg.num_tokens, cfg.dim)
-        x = dropout(
-            self, jnp.take(embed, tokens, axis=0) * cfg.dim**0.5, cfg.dropout, deterministic
-        )
+        x = dropout(self, xl_embed(self, cfg, tokens), cfg.dropout, deterministic)
         u = v = None
-        if not cfg.untie_r:
+        if not cfg.untie_r and cfg.position == "relative":
             u, v = _rel_biases(self, cfg)
         hiddens = []
         for i in range(cfg.depth):

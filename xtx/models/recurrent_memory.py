@@ -34,12 +34,13 @@ from xtx.layers.base import EMBED, HEAD_DIM, HEADS, MLP, VOCAB, ConfiguredMeta, 
 from xtx.layers.norms import Norm
 from xtx.models.gallery_common import (
     check_batch_size,
+    check_position,
     check_reset,
     check_tokens,
     config_from_keywords,
     token_embedding,
 )
-from xtx.ops import AttentionMask, attention, sinusoidal_embedding
+from xtx.ops import AttentionMask, apply_rotary, attention, sinusoidal_embedding
 
 Array = jax.Array
 
@@ -69,6 +70,12 @@ class RecurrentMemoryConfig(Config):
       num_memory: memory vectors M.
       bptt_segments: segments a memory keeps its gradient through (>= 1).
       ff_mult: feedforward width multiplier.
+      position: ``"sinusoidal"`` (absolute positions added to the token embeddings, as
+        the paper's backbones) or ``"rotary"`` (RoPE in every attention over
+        ``[read memory; tokens; write memory]``).
+      emb_std: standard deviation of the token embedding table's init (1.0; the
+        plain decoder's ``sqrt(2 / dim)`` trains faster with pre-norm layers, whose
+        updates are small next to a unit-variance residual stream).
       attn_implementation: ``xtx.ops.attention`` backend.
     """
 
@@ -80,6 +87,8 @@ class RecurrentMemoryConfig(Config):
     num_memory: int = 8
     bptt_segments: int = 2
     ff_mult: int = 4
+    position: str = "sinusoidal"
+    emb_std: float = 1.0
     attn_implementation: str = "auto"
 
     def __post_init__(self):
@@ -92,6 +101,9 @@ class RecurrentMemoryConfig(Config):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.dim % self.heads or self.dim % 2:
             raise ValueError(f"dim ({self.dim}) must be even and divisible by heads")
+        check_position(self.position)
+        if not self.emb_std > 0:
+            raise ValueError(f"emb_std must be > 0, got {self.emb_std!r}")
 
 
 class _Block(nn.Module):
@@ -106,9 +118,13 @@ class _Block(nn.Module):
         H = D // N
         h = Norm("layernorm", name="attn_norm")(x)
         proj = lambda name: Projection((N, H), (D,), (EMBED, HEADS, HEAD_DIM), name=name)  # noqa: E731
+        q, k = proj("to_q")(h), proj("to_k")(h)
+        if cfg.position == "rotary":  # read memory, tokens, write memory in order
+            positions = jnp.arange(h.shape[1])
+            q, k = apply_rotary(q, positions), apply_rotary(k, positions)
         out = attention(
-            proj("to_q")(h),
-            proj("to_k")(h),
+            q,
+            k,
             proj("to_v")(h),
             mask=AttentionMask(causal=True, prefix=prefix),
             implementation=cfg.attn_implementation,
@@ -165,8 +181,10 @@ class RecurrentMemoryTransformer(nn.Module, metaclass=ConfiguredMeta):
         cut = (segments % cfg.bptt_segments == 0)[:, None, None]
         memory = jnp.where(cut, jax.lax.stop_gradient(memory), memory)
 
-        embed = token_embedding(self, cfg.num_tokens, D)
-        x = jnp.take(embed, tokens, axis=0) + sinusoidal_embedding(jnp.arange(T), D)
+        embed = token_embedding(self, cfg.num_tokens, D, std=cfg.emb_std)
+        x = jnp.take(embed, tokens, axis=0)
+        if cfg.position == "sinusoidal":
+            x = x + sinusoidal_embedding(jnp.arange(T), D)
         h = jnp.concatenate([memory + read_pos, x, memory + write_pos], axis=1)  # [B, M+T+M, D]
         for i in range(cfg.depth):
             h = _Block(cfg, name=f"layers_{i}")(h, M)
