@@ -24,8 +24,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
+import numpy as np  # noqa: E402
 
 from bench.longcontext.models import LABELS  # noqa: E402
+
+MARKERS = "osD^vP*X"
 
 TASK_TITLES = {
     "mqar": "Multi-query associative recall",
@@ -168,9 +171,16 @@ def markdown(results: dict) -> str:
 def _accuracy_plot(results: dict, task: str, path: Path) -> None:
     cells = _cells(results, task)
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    x = range(len(cells[0]["groups"]))
-    for c in cells:
-        ax.plot(x, c["accuracy"], marker="o", label=LABELS.get(c["family"], c["family"]))
+    x = np.arange(len(cells[0]["groups"]))
+    for i, c in enumerate(cells):
+        # Markers, dashes and a small horizontal offset keep overlapping curves visible.
+        ax.plot(
+            x + (i - len(cells) / 2) * 0.015,
+            c["accuracy"],
+            marker=MARKERS[i % 8],
+            linestyle=("-", "--", ":", "-.")[i % 4],
+            label=LABELS.get(c["family"], c["family"]),
+        )
     ax.axhline(cells[0]["chance"], color="grey", linestyle="--", linewidth=1, label="chance")
     ax.set_xticks(list(x), cells[0]["groups"], rotation=30 if task == "multihop" else 0)
     ax.set_ylim(-0.02, 1.02)

@@ -36,8 +36,9 @@ def test_rotary_xl_two_segments_with_memory_equal_one_long_segment():
 
 
 def test_rotary_recipe_has_no_relative_position_parameters():
-    m = xtx.TransformerXL(num_tokens=50, dim=32, depth=1, heads=4, segment_len=8, mem_len=8,
-                          **ROTARY)
+    m = xtx.TransformerXL(
+        num_tokens=50, dim=32, depth=1, heads=4, segment_len=8, mem_len=8, **ROTARY
+    )
     params = nn.unbox(m.init(jax.random.key(0), _tokens((1, 8)), state=m.init_state(1)))["params"]
     names = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
     assert not any("r_w_bias" in n or "r_r_bias" in n or "to_r" in n for n in names)
@@ -53,8 +54,7 @@ def test_rotary_recipe_has_no_relative_position_parameters():
     ],
 )
 def test_rotary_recipe_runs_on_the_xl_family(cls, extra):
-    m = cls(num_tokens=50, dim=32, depth=2, heads=4, segment_len=8, mem_len=8, **ROTARY,
-            **extra)
+    m = cls(num_tokens=50, dim=32, depth=2, heads=4, segment_len=8, mem_len=8, **ROTARY, **extra)
     state = m.init_state(2)
     params = m.init(jax.random.key(0), _tokens((2, 8)), state=state)
     _, state = m.apply(params, _tokens((2, 8), 1), state=state)
@@ -98,8 +98,7 @@ def test_rotary_rmt_drops_the_sinusoid_and_keeps_the_parameters():
     "cls, kw, field",
     [
         (xtx.TransformerXL, dict(segment_len=8, mem_len=8, position="alibi"), "position"),
-        (xtx.TransformerXL, dict(segment_len=8, mem_len=8, ff_activation="swish"),
-         "ff_activation"),
+        (xtx.TransformerXL, dict(segment_len=8, mem_len=8, ff_activation="swish"), "ff_activation"),
         (xtx.Longformer, dict(window=4, position="relative"), "position"),
         (xtx.RecurrentMemoryTransformer, dict(segment_len=8, position="rope"), "position"),
     ],

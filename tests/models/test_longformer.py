@@ -162,3 +162,23 @@ def test_bad_input_is_named():
         jax.eval_shape(partial(model.apply, global_mask=jnp.ones((1, 8), bool)), variables, tokens)
     with pytest.raises(ValueError, match="reset must be bool"):
         jax.eval_shape(partial(model.apply, reset=jnp.ones((2,), bool)), variables, tokens)
+
+
+def test_segment_ids_keep_packed_documents_apart():
+    """A token never attends across a document boundary, even inside its window; a bad
+    segment_ids array, or one combined with global tokens, is refused by name."""
+    model = Longformer(num_tokens=50, dim=16, depth=2, heads=2, window=6, causal=True)
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(0, 50, (1, 12)), jnp.int32)
+    other = tokens.at[:, :5].set(jnp.asarray(rng.integers(0, 50, (1, 5)), jnp.int32))
+    ids = jnp.asarray([[0] * 5 + [1] * 7], jnp.int32)
+    params = model.init(jax.random.key(0), tokens)
+    a, _ = model.apply(params, tokens, segment_ids=ids)
+    b, _ = model.apply(params, other, segment_ids=ids)
+    np.testing.assert_allclose(a[:, 5:], b[:, 5:], atol=1e-6)
+    # Without the boundary the change reaches them.
+    c, _ = model.apply(params, tokens)
+    d, _ = model.apply(params, other)
+    assert not np.allclose(c[:, 5:], d[:, 5:], atol=1e-6)
+    with pytest.raises(ValueError, match="segment_ids must be int"):
+        model.apply(params, tokens, segment_ids=ids[:, :4])

@@ -286,6 +286,8 @@ def _child_crash(directory: str) -> None:
 
 def _child_preempt(directory: str) -> None:
     ckpt = Checkpointer(directory)
+    # Whatever was installed before (a shell's background job starts with SIGINT ignored).
+    before = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT))
     with PreemptionGuard() as guard:
         print("ready", flush=True)
         step = 0
@@ -304,8 +306,8 @@ def _child_preempt(directory: str) -> None:
                 ckpt.wait()
                 break
     ckpt.close()
-    restored = signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-    restored &= signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    after = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT))
+    restored = after == before
     print("handlers", "restored" if restored else "leaked", flush=True)
 
 
