@@ -51,6 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--warmup-steps", type=int, default=None, help="single-segment (phase-1) steps per cell"
     )
+    p.add_argument("--stream-batch", type=int, default=None, help="rows per stream (phase-2) step")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench_out/longcontext")
     p.add_argument("--no-speed", action="store_true", help="skip the speed sweep")
@@ -63,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.preset = "quick"
+    if args.stream_batch is not None and args.stream_batch < 1:
+        p.error(f"--stream-batch must be >= 1, got {args.stream_batch}")
     for name in ("steps", "warmup_steps"):
         value = getattr(args, name)
         if value is not None and value < 0:
@@ -83,6 +86,8 @@ def configure(args: argparse.Namespace) -> Preset:
         sched["steps"] = args.steps
     if args.warmup_steps is not None:
         sched["warmup_steps"] = args.warmup_steps
+    if args.stream_batch is not None:
+        sched["stream_batch"] = args.stream_batch
     if sched:
         changes["schedule"] = dataclasses.replace(preset.schedule, **sched)
     if args.no_speed:

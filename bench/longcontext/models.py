@@ -78,7 +78,8 @@ class Budget:
       num_state: block-recurrent state vectors.
       num_memory: RMT memory tokens.
       bptt_segments: RMT / block-recurrent gradient horizon in segments (None: the stream).
-      rmt_curriculum: RMT trains first on short streams, lengthened over training.
+      rmt_curriculum: RMT's stream phase starts on streams of 2 segments (half its steps)
+        before the full ones, the RMT paper's curriculum over length (reported as such).
       position: ``"rotary"`` (default): every family uses the plain decoder's block
         recipe (rotary positions, GELU, unscaled embedding), so that the families differ
         only in how they reach the past; ``"paper"``: the gallery models as their papers
@@ -127,6 +128,8 @@ class Family:
       config: the module's config as a dict (for results.json).
       ff_mult: the feedforward multiplier used.
       reach: what the design lets the model see, in words (for the report).
+      curriculum: stream lengths (segments) of the stages its stream phase trains on
+        before the full streams, an equal share of the steps each (empty: none).
     """
 
     name: str
@@ -136,6 +139,7 @@ class Family:
     config: dict[str, Any]
     ff_mult: int
     reach: str
+    curriculum: tuple[int, ...] = ()
 
     @property
     def label(self) -> str:
@@ -350,7 +354,10 @@ def _rmt(budget: Budget, ff_mult: int) -> Family:
     )
     init, logits = _gallery(module, budget)
     reach = f"{budget.num_memory} memory tokens, unbounded"
-    return Family("rmt", module, init, logits, _cfg(module), ff_mult, reach)
+    curriculum = (2,) if budget.rmt_curriculum and budget.segments > 2 else ()
+    if curriculum:
+        reach += "; curriculum: 2-segment streams first"
+    return Family("rmt", module, init, logits, _cfg(module), ff_mult, reach, curriculum)
 
 
 def _shared(budget: Budget, ff_mult: int) -> dict[str, Any]:

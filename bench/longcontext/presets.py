@@ -90,19 +90,29 @@ TINY = _preset(
 
 QUICK = _preset(
     "quick",
-    Budget(dim=64, depth=2, heads=4, segment_len=32, segments=5),
+    Budget(dim=64, depth=2, heads=4, segment_len=32, segments=5, num_memory=4, rmt_curriculum=True),
     FAMILIES,
     ("mqar",),
-    Schedule(batch=32, warmup_steps=800, steps=200, lr=1e-3, eval_batches=2, eval_batch=64),
+    Schedule(
+        batch=32,
+        stream_batch=16,
+        warmup_steps=1200,
+        steps=300,
+        lr=1e-3,
+        eval_batches=2,
+        eval_batch=64,
+    ),
     Schedule(batch=16, warmup_steps=0, steps=200, lr=1e-3, eval_batches=2, eval_batch=16),
-    SpeedConfig(lengths=(1024, 2048, 4096), segment_len=256, repeats=2, knn_tokens=2048),
+    SpeedConfig(lengths=(1024, 4096), segment_len=256, repeats=2, knn_tokens=2048),
     pairs=8,
     distances=(0, 1, 2, 4),
 )
 
 FULL = _preset(
     "full",
-    Budget(dim=128, depth=4, heads=4, segment_len=64, segments=9),
+    Budget(
+        dim=128, depth=4, heads=4, segment_len=64, segments=9, num_memory=8, rmt_curriculum=True
+    ),
     FAMILIES,
     ("mqar", "copy", "multihop", "lm"),
     Schedule(batch=32, warmup_steps=2000, steps=2000, lr=1e-3, eval_batches=8, eval_batch=64),
@@ -110,6 +120,7 @@ FULL = _preset(
     SpeedConfig(lengths=(1024, 2048, 4096, 8192), segment_len=256, repeats=3, knn_tokens=4096),
     full_lengths=(1024, 2048, 4096, 8192, 16384),
     pairs=8,
+    chains=6,
     distances=(0, 1, 2, 4, 8),
 )
 

@@ -132,9 +132,11 @@ def markdown(results: dict) -> str:
         f"Total wall time {results['wall_s']:.0f} s.",
         "",
         f"Every model: dim {b['dim']}, depth {b['depth']}, heads {b['heads']}; streams of "
-        f"{b['segments']} segments x {b['segment_len']} tokens; batch {sched['batch']}, "
-        f"{sched['warmup_steps']} single-segment steps then {sched['steps']} stream steps, "
-        f"AdamW lr {sched['lr']}.",
+        f"{b['segments']} segments x {b['segment_len']} tokens; "
+        f"{sched['warmup_steps']} single-segment steps (batch {sched['batch']}) then "
+        f"{sched['steps']} stream steps (batch {sched.get('stream_batch') or sched['batch']}), "
+        f"AdamW lr {sched['lr']}. Reset column at d=0: a recurrent model meeting a fresh "
+        f"state where training never showed one, not a leak.",
         "",
         *_family_table(results),
         "",

@@ -47,7 +47,8 @@ class Schedule:
     """How a cell trains and is scored.
 
     Attributes:
-      batch: rows per training step.
+      batch: rows per single-segment (phase-1) step.
+      stream_batch: rows per stream (phase-2) step (None: ``batch``).
       warmup_steps: phase-1 steps on single-segment streams (0: none).
       steps: phase-2 steps on full streams.
       lr: peak learning rate of each phase's warmup + cosine schedule.
@@ -56,6 +57,7 @@ class Schedule:
     """
 
     batch: int = 32
+    stream_batch: int | None = None
     warmup_steps: int = 500
     steps: int = 300
     lr: float = 1e-3
@@ -124,13 +126,18 @@ def make_eval(family: Family) -> Callable:
 
 
 class Progress:
-    """One status line on stderr per cell, rewritten as training goes."""
+    """One status line on stderr per cell: rewritten in place on a terminal, a new line
+    every ``log_every`` seconds when stderr is a file or a pipe (CI logs stay readable)."""
 
-    def __init__(self, label: str, total: int, stream=None, every: float = 0.5):
+    def __init__(
+        self, label: str, total: int, stream=None, every: float = 0.5, log_every: float = 15.0
+    ):
         import sys
 
-        self.label, self.total, self.every = label, total, every
+        self.label, self.total = label, total
         self.stream = sys.stderr if stream is None else stream
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.every = every if self.tty else log_every
         self.start = self.last = time.perf_counter()
 
     def update(self, done: int, loss: float | None = None, force: bool = False) -> None:
@@ -144,19 +151,38 @@ class Progress:
         rate = done / max(now - self.start, 1e-9)
         eta = (self.total - done) / rate if rate > 0 else float("inf")
         extra = "" if loss is None else f" loss {loss:.3f}"
-        self.stream.write(
-            f"\r{self.label:<40} [{bar}] {done}/{self.total}{extra} "
+        line = (
+            f"{self.label:<40} [{bar}] {done}/{self.total}{extra} "
             f"{now - self.start:5.0f}s eta {eta:4.0f}s"
         )
+        self.stream.write(f"\r{line}" if self.tty else f"{line}\n")
         self.stream.flush()
 
     def close(self, text: str = "") -> None:
-        self.stream.write(f"\r{self.label:<40} {text}\n")
+        self.stream.write(f"{chr(13) if self.tty else ''}{self.label:<40} {text}\n")
         self.stream.flush()
 
 
 def _single_segment(sizes: T.TaskSizes) -> T.TaskSizes:
     return dataclasses.replace(sizes, segments=1, distances=(0,), hops=(1,))
+
+
+def stream_stages(family: Family, sizes: T.TaskSizes, steps: int):
+    """``[(steps, sizes)]`` of the stream phase: the family's curriculum stages (shorter
+    streams, only the distances and hops they hold), then the full streams."""
+    stages = [n for n in family.curriculum if n < sizes.segments]
+    share = steps // (len(stages) + 1)
+    out = []
+    for n in stages:
+        short = dataclasses.replace(
+            sizes,
+            segments=n,
+            distances=tuple(d for d in sizes.distances if d < n),
+            hops=tuple(h for h in sizes.hops if h <= n),
+        )
+        out.append((share, short))
+    out.append((steps - share * len(stages), sizes))
+    return out
 
 
 def _batches(task: str, sizes: T.TaskSizes, seed: int, batch: int, corpus=None):
@@ -199,8 +225,9 @@ def train_cell(
     seed: int,
     corpus=None,
     label: str | None = None,
-) -> tuple[Any, list[float], float]:
-    """Trains ``family`` on ``task``; returns ``(params, losses, wall seconds)``.
+) -> tuple[Any, list[float], float, int]:
+    """Trains ``family`` on ``task``; returns ``(params, losses, wall seconds, training
+    tokens)``.
 
     Language modelling skips the single-segment phase (there is no skill to isolate).
     """
@@ -209,8 +236,8 @@ def train_cell(
     warm = 0 if task == "lm" else schedule.warmup_steps
     losses: list[float] = []
     progress = Progress(label or f"{family.name}/{task}", warm + schedule.steps)
-    done = 0
-    phases = [(warm, _single_segment(sizes)), (schedule.steps, sizes)]
+    done = tokens = 0
+    phases = [(warm, _single_segment(sizes)), *stream_stages(family, sizes, schedule.steps)]
     for number, (steps, phase_sizes) in enumerate(phases):
         if not steps:
             continue
@@ -218,7 +245,9 @@ def train_cell(
         # Adam's moments from one-segment streams are a poor start for the long ones).
         tx = make_optimizer(OptimConfig(lr=schedule.lr, warmup_steps=min(50, steps)), steps)
         opt_state = tx.init(params)
-        batches = _batches(task, phase_sizes, seed * 7919 + number, schedule.batch, corpus)
+        rows = schedule.batch if number == 0 else schedule.stream_batch or schedule.batch
+        tokens += steps * rows * phase_sizes.length
+        batches = _batches(task, phase_sizes, seed * 7919 + number, rows, corpus)
         params, opt_state, done = train_phase(
             make_train_step(family, tx),
             params,
@@ -230,7 +259,7 @@ def train_cell(
             losses,
         )
     wall = time.perf_counter() - start
-    return params, losses, wall
+    return params, losses, wall, tokens
 
 
 def _last_segment_resets(sizes: T.TaskSizes, B: int) -> np.ndarray:
@@ -305,7 +334,7 @@ def run_cell(
 ) -> CellResult:
     """Trains and scores one cell."""
     label = f"{family.name}/{task}"
-    params, losses, wall = train_cell(family, task, sizes, schedule, seed, corpus, label)
+    params, losses, wall, tokens = train_cell(family, task, sizes, schedule, seed, corpus, label)
     if task == "lm":
         acc = score_lm(family, params, sizes, schedule, corpus)
         reset, chance = [], 8.0
@@ -313,10 +342,6 @@ def run_cell(
         acc, reset = score_synthetic(family, params, task, sizes, schedule, seed)
         chance = sizes.chance(task)
     steps = (0 if task == "lm" else schedule.warmup_steps) + schedule.steps
-    tokens = schedule.batch * (
-        (0 if task == "lm" else schedule.warmup_steps) * sizes.segment_len
-        + schedule.steps * sizes.length
-    )
     result = CellResult(
         family=family.name,
         task=task,

@@ -205,3 +205,15 @@ def test_a_seeded_run_is_deterministic(tiny_runs):
     for ca, cb in zip(a["cells"], b["cells"], strict=True):
         assert ca["losses"] == cb["losses"], (ca["family"], ca["task"])
         assert ca["accuracy"] == cb["accuracy"], (ca["family"], ca["task"])
+
+
+def test_the_rmt_curriculum_splits_the_stream_steps_over_lengths():
+    budget = M.Budget(dim=16, depth=1, heads=2, segment_len=32, segments=5, rmt_curriculum=True)
+    fam = M.build("rmt", budget)
+    assert fam.curriculum == (2,) and "curriculum" in fam.reach
+    sizes = T.TaskSizes(segments=5, segment_len=32, pairs=4, distances=(0, 1, 2, 4))
+    (n1, short), (n2, full) = R.stream_stages(fam, sizes, 301)
+    assert (n1, n2) == (150, 151) and full == sizes
+    assert short.segments == 2 and short.distances == (0, 1)
+    assert M.build("plain", budget).curriculum == ()
+    assert R.stream_stages(M.build("plain", budget), sizes, 301) == [(301, sizes)]
