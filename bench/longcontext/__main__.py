@@ -47,7 +47,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="same as --preset quick")
     p.add_argument("--families", default=None, help=f"comma list of {', '.join(M.FAMILIES)}")
     p.add_argument("--tasks", default=None, help=f"comma list of {', '.join(T.TASKS)}")
-    p.add_argument("--steps", type=int, default=None, help="stream (phase-2) steps per cell")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="stream (phase-2) steps per cell, language modelling included",
+    )
     p.add_argument(
         "--warmup-steps", type=int, default=None, help="single-segment (phase-1) steps per cell"
     )
@@ -90,6 +95,8 @@ def configure(args: argparse.Namespace) -> Preset:
         sched["stream_batch"] = args.stream_batch
     if sched:
         changes["schedule"] = dataclasses.replace(preset.schedule, **sched)
+    if args.steps is not None:  # language modelling has only the stream phase
+        changes["lm_schedule"] = dataclasses.replace(preset.lm_schedule, steps=args.steps)
     if args.no_speed:
         changes["speed"] = None
     return dataclasses.replace(preset, **changes)
