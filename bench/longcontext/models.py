@@ -282,9 +282,7 @@ def _xl_wrapper(budget: Budget, ff_mult: int) -> Family:
 
 def _transformer_xl(budget: Budget, ff_mult: int) -> Family:
     S = budget.segment_len
-    module = xtx.TransformerXL(
-        **_shared(budget, ff_mult), **_xl_recipe(budget), segment_len=S, mem_len=S
-    )
+    module = xtx.TransformerXL(**_xl_shared(budget, ff_mult))
     init, logits = _gallery(module, budget)
     reach = f"depth x mem_len = {budget.depth} x {S} tokens (stop-gradient memories)"
     return Family("transformer_xl", module, init, logits, _cfg(module), ff_mult, reach)
@@ -315,10 +313,7 @@ def _memorizing(budget: Budget, ff_mult: int) -> Family:
     S = budget.segment_len
     capacity = S * (budget.knn_segments or budget.segments)
     module = xtx.MemorizingTransformer(
-        **_shared(budget, ff_mult),
-        segment_len=S,
-        **_xl_recipe(budget),
-        mem_len=S,
+        **_xl_shared(budget, ff_mult),
         knn_memory_size=capacity,
         knn_top_k=budget.knn_top_k,
     )
@@ -331,11 +326,8 @@ def _memorizing(budget: Budget, ff_mult: int) -> Family:
 def _block_recurrent(budget: Budget, ff_mult: int) -> Family:
     S = budget.segment_len
     module = xtx.BlockRecurrentTransformer(
-        **_shared(budget, ff_mult),
-        segment_len=S,
+        **_xl_shared(budget, ff_mult),
         block_len=S,
-        **_xl_recipe(budget),
-        mem_len=S,
         num_state=budget.num_state,
         gate="fixed",
     )
@@ -368,6 +360,13 @@ def _shared(budget: Budget, ff_mult: int) -> dict[str, Any]:
         heads=budget.heads,
         ff_mult=ff_mult,
     )
+
+
+def _xl_shared(budget: Budget, ff_mult: int) -> dict[str, Any]:
+    """Options every Transformer-XL-based family shares: one segment per call, an XL
+    memory of one segment, the block recipe."""
+    S = budget.segment_len
+    return dict(**_shared(budget, ff_mult), segment_len=S, mem_len=S, **_xl_recipe(budget))
 
 
 def _xl_recipe(budget: Budget) -> dict[str, Any]:
