@@ -57,6 +57,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--warmup-steps", type=int, default=None, help="single-segment (phase-1) steps per cell"
     )
     p.add_argument("--stream-batch", type=int, default=None, help="rows per stream (phase-2) step")
+    p.add_argument(
+        "--recipe",
+        choices=("rotary", "paper"),
+        default=None,
+        help="gallery models' block: the decoder's (rotary, default) or the papers'",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench_out/longcontext")
     p.add_argument("--no-speed", action="store_true", help="skip the speed sweep")
@@ -97,6 +103,8 @@ def configure(args: argparse.Namespace) -> Preset:
         changes["schedule"] = dataclasses.replace(preset.schedule, **sched)
     if args.steps is not None:  # language modelling has only the stream phase
         changes["lm_schedule"] = dataclasses.replace(preset.lm_schedule, steps=args.steps)
+    if args.recipe is not None:
+        changes["budget"] = dataclasses.replace(preset.budget, position=args.recipe)
     if args.no_speed:
         changes["speed"] = None
     return dataclasses.replace(preset, **changes)

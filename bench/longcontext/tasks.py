@@ -206,14 +206,19 @@ def _empty(rng, B: int, sizes: TaskSizes) -> tuple[np.ndarray, np.ndarray, np.nd
     return tokens, np.zeros((B, sizes.length), bool), np.full((B, sizes.length), -1, np.int32)
 
 
+def _distance(rng, sizes: TaskSizes) -> tuple[int, int]:
+    """A row's report group and its distance ``d``, uniform over ``sizes.distances``."""
+    g = int(rng.integers(len(sizes.distances)))
+    return g, sizes.distances[g]
+
+
 def mqar(sizes: TaskSizes, seed: int, index: int, batch: int) -> Batch:
     """Multi-query associative recall; ``group`` = index of ``d`` in ``sizes.distances``."""
     rng = _rows(seed, index)
     tokens, score, group = _empty(rng, batch, sizes)
     P = sizes.pairs
     for b in range(batch):
-        g = int(rng.integers(len(sizes.distances)))
-        d = sizes.distances[g]
+        g, d = _distance(rng, sizes)
         keys = rng.choice(sizes.keys, P, replace=False)
         values = rng.choice(sizes.values, P, replace=False)
         (start,) = _place(rng, _evidence_span(sizes, d), [2 * P])
@@ -235,8 +240,7 @@ def selective_copy(sizes: TaskSizes, seed: int, index: int, batch: int) -> Batch
     tokens, score, group = _empty(rng, batch, sizes)
     C = sizes.copy_len
     for b in range(batch):
-        g = int(rng.integers(len(sizes.distances)))
-        d = sizes.distances[g]
+        g, d = _distance(rng, sizes)
         content = rng.choice(sizes.values, C, replace=True)
         starts = _place(rng, _evidence_span(sizes, d), [1] * C)
         tokens[b, starts] = content

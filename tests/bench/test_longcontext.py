@@ -224,3 +224,12 @@ def test_the_rmt_curriculum_splits_the_stream_steps_over_lengths():
     assert short.segments == 2 and short.distances == (0, 1)
     assert M.build("plain", budget).curriculum == ()
     assert R.stream_stages(M.build("plain", budget), sizes, 301) == [(301, sizes)]
+
+
+def test_the_recipe_flag_switches_the_gallery_models_to_the_papers_blocks():
+    preset = configure(parse_args(["--preset", "tiny", "--recipe", "paper"]))
+    xl = M.build("transformer_xl", preset.budget).config
+    assert (xl["position"], xl["ff_activation"], xl["emb_scale"]) == ("relative", "relu", True)
+    assert M.build("rmt", preset.budget).config["position"] == "sinusoidal"
+    default = M.build("longformer", configure(parse_args(["--preset", "tiny"])).budget).config
+    assert default["position"] == "rotary"

@@ -101,6 +101,7 @@ def test_rotary_rmt_drops_the_sinusoid_and_keeps_the_parameters():
         (xtx.TransformerXL, dict(segment_len=8, mem_len=8, ff_activation="swish"), "ff_activation"),
         (xtx.Longformer, dict(window=4, position="relative"), "position"),
         (xtx.RecurrentMemoryTransformer, dict(segment_len=8, position="rope"), "position"),
+        (xtx.RecurrentMemoryTransformer, dict(segment_len=8, emb_std=0.0), "emb_std"),
     ],
 )
 def test_bad_recipe_options_are_named(cls, kw, field):

@@ -56,12 +56,18 @@ def token_embedding(module: nn.Module, num_tokens: int, dim: int, std: float = 1
     )
 
 
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    """A config option that must be one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
 ABSOLUTE_POSITIONS = ("sinusoidal", "rotary")
 
 
-def check_position(position: Any) -> None:
-    """``position`` of the models whose paper adds absolute sinusoidal positions."""
-    if position not in ABSOLUTE_POSITIONS:
-        raise ValueError(
-            f"position must be one of {', '.join(map(repr, ABSOLUTE_POSITIONS))}, got {position!r}"
-        )
+def check_absolute_recipe(position: Any, emb_std: Any) -> None:
+    """``position`` and ``emb_std`` of the models whose papers add absolute sinusoidal
+    positions to the embeddings (Longformer, RMT)."""
+    check_choice("position", position, ABSOLUTE_POSITIONS)
+    if not isinstance(emb_std, int | float) or not emb_std > 0:
+        raise ValueError(f"emb_std must be a number > 0, got {emb_std!r}")

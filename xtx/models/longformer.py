@@ -44,8 +44,8 @@ from xtx.layers.base import (
 )
 from xtx.layers.norms import Norm
 from xtx.models.gallery_common import (
+    check_absolute_recipe,
     check_batch_size,
-    check_position,
     check_reset,
     check_tokens,
     config_from_keywords,
@@ -107,9 +107,7 @@ class LongformerConfig(Config):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.dim % self.heads or self.dim % 2:
             raise ValueError(f"dim ({self.dim}) must be even and divisible by heads")
-        check_position(self.position)
-        if not self.emb_std > 0:
-            raise ValueError(f"emb_std must be > 0, got {self.emb_std!r}")
+        check_absolute_recipe(self.position, self.emb_std)
         windows = self.layer_windows
         if len(windows) != self.depth or any(not isinstance(w, int) or w < 1 for w in windows):
             raise ValueError(

@@ -133,19 +133,17 @@ class KNNAttention(nn.Module):
             (N,),
         )
         qs = q * jnp.exp(log_scale)[:, None].astype(q.dtype)
-        buckets = None
-        if cfg.position == "relative":
+        # Rotary positions (when chosen) reach the local attention only: the kNN memory
+        # stores and retrieves the position-free keys, as in the paper.
+        if cfg.position == "rotary":
+            (q_local, k_local), bias = rotate_over_memory(qs, k), None
+        else:
             buckets = self.param(
                 "rel_pos",
                 nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, HEADS)),
                 (cfg.num_buckets, N),
             )
-        # Rotary positions (when chosen) reach the local attention only: the kNN memory
-        # stores and retrieves the position-free keys, as in the paper.
-        q_local, k_local, bias = qs, k, None
-        if cfg.position == "rotary":
-            q_local, k_local = rotate_over_memory(qs, k)
-        else:
+            q_local, k_local = qs, k
             bias = RelativeBias.t5(
                 buckets, causal=True, num_buckets=cfg.num_buckets, max_distance=cfg.max_distance
             )

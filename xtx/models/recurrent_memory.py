@@ -33,8 +33,8 @@ from xtx.config import Config
 from xtx.layers.base import EMBED, HEAD_DIM, HEADS, MLP, VOCAB, ConfiguredMeta, Projection
 from xtx.layers.norms import Norm
 from xtx.models.gallery_common import (
+    check_absolute_recipe,
     check_batch_size,
-    check_position,
     check_reset,
     check_tokens,
     config_from_keywords,
@@ -101,9 +101,7 @@ class RecurrentMemoryConfig(Config):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.dim % self.heads or self.dim % 2:
             raise ValueError(f"dim ({self.dim}) must be even and divisible by heads")
-        check_position(self.position)
-        if not self.emb_std > 0:
-            raise ValueError(f"emb_std must be > 0, got {self.emb_std!r}")
+        check_absolute_recipe(self.position, self.emb_std)
 
 
 class _Block(nn.Module):

@@ -51,6 +51,7 @@ from xtx.layers.base import (
 from xtx.layers.norms import Norm
 from xtx.models.gallery_common import (
     check_batch_size,
+    check_choice,
     check_reset,
     check_tokens,
     config_from_keywords,
@@ -138,15 +139,8 @@ class TransformerXLConfig(Config):
             )
         if self.dim % 2:
             raise ValueError(f"dim must be even (sinusoidal distances), got {self.dim}")
-        if self.position not in POSITIONS:
-            raise ValueError(
-                f"position must be one of {', '.join(map(repr, POSITIONS))}, got {self.position!r}"
-            )
-        if self.ff_activation not in ACTIVATIONS:
-            raise ValueError(
-                f"ff_activation must be one of {', '.join(map(repr, ACTIVATIONS))}, "
-                f"got {self.ff_activation!r}"
-            )
+        check_choice("position", self.position, POSITIONS)
+        check_choice("ff_activation", self.ff_activation, ACTIVATIONS)
         if self.clamp_len is not None and self.clamp_len < 0:
             raise ValueError(f"clamp_len must be None or >= 0, got {self.clamp_len!r}")
         for name in ("dropout", "attn_dropout"):
