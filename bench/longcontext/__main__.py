@@ -142,9 +142,9 @@ def run(preset: Preset, seed: int, out: str, log=print) -> dict:
     counts = {n: M.parameter_count(f) for n, f in built.items()}
     corpus = None
     if "lm" in preset.tasks:
-        name, train_docs, _ = T.lm_corpus(preset.sizes.length + 1)
-        log(f"lm corpus: {name}, {len(train_docs)} training documents")
-        corpus = train_docs
+        name, train_docs, val_docs = T.lm_corpus(preset.sizes.length + 1)
+        log(f"lm corpus: {name}, {len(train_docs)} training / {len(val_docs)} held-out documents")
+        corpus = (train_docs, val_docs)
     cells = []
     for task in preset.tasks:
         sizes = preset.lm_sizes if task == "lm" else preset.sizes

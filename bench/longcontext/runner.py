@@ -280,20 +280,20 @@ def score_synthetic(
         b = T.GENERATORS[task](sizes, seed + 10_000, i, schedule.eval_batch)
         # Both readings pass a resets array (all False: as read), so one compile serves.
         resets = _last_segment_resets(sizes, b.tokens.shape[0])
-        plain, _ = evaluate(params, b.tokens, np.zeros_like(resets))
-        reset, _ = evaluate(params, b.tokens, resets)
+        plain = np.asarray(evaluate(params, b.tokens, np.zeros_like(resets))[0])
+        reset = np.asarray(evaluate(params, b.tokens, resets)[0])
         for g in range(groups):
             mask = b.score & (b.group == g)
             counts[g] += mask.sum()
-            hits[0, g] += np.asarray(plain)[mask].sum()
-            hits[1, g] += np.asarray(reset)[mask].sum()
+            hits[0, g] += plain[mask].sum()
+            hits[1, g] += reset[mask].sum()
     acc = hits / np.maximum(counts, 1)
     return acc[0].tolist(), acc[1].tolist()
 
 
 def score_lm(family: Family, params, sizes: T.TaskSizes, schedule: Schedule, corpus) -> list[float]:
     """Bits per byte of the last segment given ``h = 0 .. n-1`` segments of history (the
-    state reset before segment ``n-1-h``)."""
+    state reset before segment ``n-1-h``), on ``corpus`` (the held-out documents)."""
     evaluate = make_eval(family)
     n, S = sizes.segments, sizes.segment_len
     totals = np.zeros(n)
@@ -332,11 +332,15 @@ def run_cell(
     params_count: int,
     corpus=None,
 ) -> CellResult:
-    """Trains and scores one cell."""
+    """Trains and scores one cell; ``corpus`` (language modelling only) is the pair
+    ``(training documents, held-out documents)``."""
     label = f"{family.name}/{task}"
-    params, losses, wall, tokens = train_cell(family, task, sizes, schedule, seed, corpus, label)
+    train_docs, held_out = (None, None) if corpus is None else corpus
+    params, losses, wall, tokens = train_cell(
+        family, task, sizes, schedule, seed, train_docs, label
+    )
     if task == "lm":
-        acc = score_lm(family, params, sizes, schedule, corpus)
+        acc = score_lm(family, params, sizes, schedule, held_out)
         reset, chance = [], 8.0
     else:
         acc, reset = score_synthetic(family, params, task, sizes, schedule, seed)
