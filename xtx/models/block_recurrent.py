@@ -44,6 +44,7 @@ from xtx.layers.base import EMBED, HEAD_DIM, HEADS, MLP, VOCAB, ConfiguredMeta, 
 from xtx.layers.norms import Norm
 from xtx.models.gallery_common import (
     check_batch_size,
+    check_choice,
     config_from_keywords,
 )
 from xtx.models.transformer_xl import (
@@ -108,8 +109,7 @@ class BlockRecurrentConfig(TransformerXLConfig):
             raise ValueError(
                 f"recurrent_layer must be in [0, depth={self.depth}), got {self.recurrent_layer}"
             )
-        if self.gate not in GATES:
-            raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
+        check_choice("gate", self.gate, GATES)
         if self.state_grad_blocks is not None and self.state_grad_blocks < 1:
             raise ValueError(
                 f"state_grad_blocks must be None or >= 1, got {self.state_grad_blocks}"
